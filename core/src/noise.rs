@@ -22,8 +22,8 @@
 //!
 //! A stream yields `z0, z1` of pair 0, then of pair 1, and so on.
 
-use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use rand_core::{Rng, SeedableRng};
 
 /// What a block of noise is used for. Each draw starts at its own position of the
 /// image's ChaCha stream, `index() << 32` words, so draws never overlap (each has room

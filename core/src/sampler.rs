@@ -529,17 +529,18 @@ impl<'a> Sampler<'a> {
             for ((d, &xv), &mv) in x0.iter_mut().zip(xs).zip(m) {
                 *d = param.x0(f64::from(xv), f64::from(mv)) as f32;
             }
+            // Checked before clipping, which would turn an infinity into a bound.
+            if x0.iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinitePrediction {
+                    step: call.step,
+                    timestep: t,
+                });
+            }
             if let Some(th) = self.config.x0.thresholding {
                 predict::threshold(x0, th, scratch)?;
             } else if self.config.x0.clip_sample {
                 predict::clip(x0, self.config.x0.clip_sample_range);
             }
-        }
-        if x0_buf.iter().any(|v| !v.is_finite()) {
-            return Err(Error::NonFinitePrediction {
-                step: call.step,
-                timestep: t,
-            });
         }
 
         // 2. The update of x, image by image.
