@@ -630,7 +630,8 @@ impl<'a> Sampler<'a> {
     }
 }
 
-/// Noise for one image of one step.
+/// Noise for one image of one step (lives on the stack; no allocator to box with).
+#[allow(clippy::large_enum_variant)]
 enum StepNoise<'n> {
     Stream(NormalStream),
     Given(&'n [f32]),

@@ -61,13 +61,13 @@ impl TimestepSpacing {
 
     /// Writes diffusers' timesteps for `num_inference_steps` steps of a chain of
     /// `num_train_timesteps`, in decreasing order, into `out`, and returns them.
-    pub fn fill<'o>(
+    pub fn fill(
         self,
         num_train_timesteps: usize,
         num_inference_steps: usize,
         steps_offset: u32,
-        out: &'o mut [u32],
-    ) -> Result<&'o [u32]> {
+        out: &mut [u32],
+    ) -> Result<&[u32]> {
         let t = num_train_timesteps;
         let n = num_inference_steps;
         if t == 0 {

@@ -380,7 +380,8 @@ fn step_errors_leave_x_untouched() {
     assert!(matches!(e, Error::InvalidParameter { .. }));
     sampler.init(&mut x, Init::Noise).unwrap();
     let snapshot = x.clone();
-    let cases: Vec<(Vec<f32>, usize, Box<dyn Fn(&Error) -> bool>)> = vec![
+    type Check = Box<dyn Fn(&Error) -> bool>;
+    let cases: Vec<(Vec<f32>, usize, Check)> = vec![
         // model output of C channels where 2C are needed
         (
             vec![0.1; 8],
