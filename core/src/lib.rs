@@ -12,6 +12,11 @@
 //!    buffers, with [`predict`] for the `x0` prediction and [`mask`] for inpainting;
 //! 5. [`noise`]: seeded Gaussian noise, bit-identical on every platform.
 //!
+//! Features: none are needed (`default-features = false` builds for bare-metal targets
+//! such as `thumbv7em-none-eabihf`). `alloc` adds `Vec`-returning conveniences
+//! (`ScheduleConfig::alphas_cumprod_vec`, `TimestepSpacing::timesteps_vec`,
+//! `Respacing::timesteps_vec`); `std` (default) implies `alloc`.
+//!
 //! ```
 //! use esddpm_core::*;
 //!
@@ -52,6 +57,8 @@ extern crate std;
 pub mod error;
 pub mod mask;
 pub mod noise;
+#[cfg(feature = "alloc")]
+mod owned;
 pub mod predict;
 pub mod sampler;
 pub mod schedule;

@@ -530,3 +530,29 @@ fn epsilon_at_zero_snr_is_an_error_not_nan() {
     sampler.step(&mut x, &[0.1, 0.2], &mut work).unwrap();
     assert!(x.iter().all(|v| v.is_finite()));
 }
+
+#[cfg(feature = "alloc")]
+#[test]
+fn vec_conveniences_agree_with_buffers() {
+    let cfg = ScheduleConfig::default();
+    let mut buf = vec![0.0; 1000];
+    cfg.fill_alphas_cumprod(&mut buf).unwrap();
+    assert_eq!(cfg.alphas_cumprod_vec().unwrap(), buf);
+    assert_eq!(cfg.betas_vec().unwrap().len(), 1000);
+    assert_eq!(
+        TimestepSpacing::Trailing
+            .timesteps_vec(1000, 10, 0)
+            .unwrap(),
+        vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    );
+    assert_eq!(
+        Respacing::parse("ddim4").unwrap().timesteps_vec(8).unwrap(),
+        vec![6, 4, 2, 0]
+    );
+    assert!(ScheduleConfig {
+        num_train_timesteps: 0,
+        ..cfg
+    }
+    .alphas_cumprod_vec()
+    .is_err());
+}
