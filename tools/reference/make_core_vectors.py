@@ -284,36 +284,40 @@ def make_schedules() -> dict:
 # --------------------------------------------------------------------------- B. timesteps
 
 
-def space_timesteps(num_timesteps, section_counts):
-    """Faithful transcription of improved_diffusion/respace.py::space_timesteps (openai/improved-diffusion)."""
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired_count = int(section_counts[len("ddim") :])
-            for i in range(1, num_timesteps):
-                if len(range(0, num_timesteps, i)) == desired_count:
-                    return set(range(0, num_timesteps, i))
-            raise ValueError(f"cannot create exactly {num_timesteps} steps with an integer stride")
-        section_counts = [int(x) for x in section_counts.split(",")]
-    size_per = num_timesteps // len(section_counts)
-    extra = num_timesteps % len(section_counts)
-    start_idx = 0
-    all_steps = []
-    for i, section_count in enumerate(section_counts):
-        size = size_per + (1 if i < extra else 0)
-        if size < section_count:
-            raise ValueError(f"cannot divide section of {size} steps into {section_count}")
-        if section_count <= 1:
-            frac_stride = 1
-        else:
-            frac_stride = (size - 1) / (section_count - 1)
-        cur_idx = 0.0
-        taken_steps = []
-        for _ in range(section_count):
-            taken_steps.append(start_idx + round(cur_idx))
-            cur_idx += frac_stride
-        all_steps += taken_steps
-        start_idx += size
-    return set(all_steps)
+def space_timesteps(num_timesteps, spec):
+    """improved-diffusion's respacing semantics, written here from its documented rules.
+
+    - ``"ddimN"``: the smallest integer stride k >= 1 (k < T) whose ``range(0, T, k)`` has
+      exactly N entries; no such stride is an error.
+    - ``"a,b,c"``: T is cut into len(counts) consecutive sections whose sizes differ by at
+      most one (the first ``T % len`` are one longer); section i keeps ``count_i``
+      timesteps, the j-th at ``start + round(j-fold running sum of stride)`` with
+      ``stride = (size - 1) / (count - 1)`` (1 when count <= 1) and Python's
+      round-half-to-even; a count larger than its section is an error.
+
+    Returns the kept timesteps as a set (callers sort them).
+    """
+    T = num_timesteps
+    if spec.startswith("ddim"):
+        wanted = int(spec[4:])
+        stride = next((k for k in range(1, T) if -(-T // k) == wanted), None)
+        if stride is None:
+            raise ValueError(f"no integer stride gives {wanted} steps out of {T}")
+        return set(range(0, T, stride))
+    counts = [int(part) for part in spec.split(",")]
+    base, longer = divmod(T, len(counts))
+    kept, offset = [], 0
+    for i, count in enumerate(counts):
+        size = base + (1 if i < longer else 0)
+        if count > size:
+            raise ValueError(f"section of {size} timesteps cannot keep {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(offset + round(position))
+            position += stride
+        offset += size
+    return set(kept)
 
 
 def try_timesteps(cls, T, S, O, N, **kw):
