@@ -197,6 +197,25 @@ pub enum Init<'i> {
     Image(&'i [f32]),
 }
 
+/// Where a run stands: enough to rebuild a [`Sampler`] and continue exactly (the noise
+/// is a pure function of seed, image, draw and element, and DPM-Solver++'s history lives
+/// in the caller's workspace). Lets a caller that cannot keep the borrowing `Sampler`
+/// alive (a session object, a C handle) store the progress instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerProgress {
+    step: usize,
+    initialized: bool,
+    has_history: bool,
+    last_lambda: f64,
+}
+
+impl SamplerProgress {
+    /// Steps taken.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+}
+
 enum NoiseIn<'n> {
     Seeded,
     Given(&'n [f32]),
@@ -388,6 +407,29 @@ impl<'a> Sampler<'a> {
         self.step = 0;
         self.initialized = true;
         self.has_history = false;
+        Ok(())
+    }
+
+    /// The progress of the run, to [`Self::restore`] later on an equal sampler.
+    pub fn progress(&self) -> SamplerProgress {
+        SamplerProgress {
+            step: self.step,
+            initialized: self.initialized,
+            has_history: self.has_history,
+            last_lambda: self.last_lambda,
+        }
+    }
+
+    /// Continues a run from `progress`, taken from a sampler built with the same
+    /// arguments (pass the same `x` and workspace to the next step).
+    pub fn restore(&mut self, progress: SamplerProgress) -> Result<()> {
+        if progress.step > self.timesteps.len() {
+            return Err(Error::InvalidState("progress beyond the end of this run"));
+        }
+        self.step = progress.step;
+        self.initialized = progress.initialized;
+        self.has_history = progress.has_history && self.config.kind.uses_history();
+        self.last_lambda = progress.last_lambda;
         Ok(())
     }
 

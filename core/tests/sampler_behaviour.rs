@@ -446,3 +446,56 @@ fn ddim_eta_zero_is_deterministic_and_eta_one_is_not() {
     assert_ne!(a(1.0, 1), a(0.0, 1));
     assert_ne!(a(1.0, 1), a(1.0, 2));
 }
+
+#[test]
+fn a_rebuilt_sampler_continues_exactly_from_its_progress() {
+    let mut abar = Vec::new();
+    let schedule = linear_schedule(&mut abar);
+    let mut chain = Vec::new();
+    full_chain(&mut chain, "ddim50");
+    let shape = ImageShape::new(2, 1, 3, 3).unwrap();
+    let prior = template(18);
+    for kind in KINDS {
+        let config = SamplerConfig {
+            kind,
+            ..Default::default()
+        };
+        let make = || {
+            Sampler::new(
+                schedule,
+                &chain,
+                StartAt::EarlyStop { steps: 20 },
+                config,
+                shape,
+                8,
+            )
+            .unwrap()
+        };
+        let mut out = vec![0.0f32; 18];
+        // One sampler all the way.
+        let mut a = make();
+        let mut xa = vec![0.0f32; 18];
+        let mut wa = vec![0.0f32; a.workspace_len()];
+        a.init(&mut xa, Init::Image(&prior)).unwrap();
+        while a.next_call().is_some() {
+            smooth_model(&xa, a.next_call().unwrap().timestep, &mut out);
+            a.step(&mut xa, &out, &mut wa).unwrap();
+        }
+        // A new sampler for every step, carrying only the progress.
+        let mut xb = vec![0.0f32; 18];
+        let mut wb = vec![0.0f32; wa.len()];
+        let mut first = make();
+        first.init(&mut xb, Init::Image(&prior)).unwrap();
+        let mut progress = first.progress();
+        loop {
+            let mut s = make();
+            s.restore(progress).unwrap();
+            let Some(call) = s.next_call() else { break };
+            smooth_model(&xb, call.timestep, &mut out);
+            s.step(&mut xb, &out, &mut wb).unwrap();
+            progress = s.progress();
+        }
+        assert_eq!(progress.steps_done(), 20);
+        assert_eq!(xa, xb, "{kind:?}");
+    }
+}
