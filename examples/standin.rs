@@ -23,7 +23,7 @@
 //! `cargo run --release --example standin -- --out standin.png`
 
 use clap::Parser;
-use esddpm::*;
+use esddpm::esddpm_core::*;
 use std::path::PathBuf;
 
 const SIZE: usize = 32;
@@ -59,11 +59,12 @@ fn templates() -> Vec<Vec<f32>> {
                         0 => r < 10.0,
                         1 => x.abs() < 9.0 && y.abs() < 9.0,
                         2 => x.abs() < 3.0 || y.abs() < 3.0,
-                        3 => ((y + 16.0) as usize / 4) % 2 == 0,
-                        4 => ((x + 16.0) as usize / 4) % 2 == 0,
+                        3 => ((y + 16.0) as usize / 4).is_multiple_of(2),
+                        4 => ((x + 16.0) as usize / 4).is_multiple_of(2),
                         5 => (x - y).abs() < 4.0,
                         6 => (7.0..12.0).contains(&r),
-                        _ => (((x + 16.0) as usize / 8) + ((y + 16.0) as usize / 8)) % 2 == 0,
+                        _ => (((x + 16.0) as usize / 8) + ((y + 16.0) as usize / 8))
+                            .is_multiple_of(2),
                     };
                     if on {
                         1.0

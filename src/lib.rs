@@ -1,12 +1,47 @@
 //! # esddpm
 //!
-//! ES-DDPM image generation: a cheap prior (GAN generator, VAE decoder) gives a sample,
-//! which is diffused to an early step `T'` and denoised in only `T'` DDPM steps.
+//! ES-DDPM image generation (Lyu et al., arXiv 2205.12524): a cheap prior (GAN
+//! generator, VAE decoder) gives a sample `x0'`, which is diffused in one shot to an
+//! early step `T'` and denoised by a pre-trained DDPM U-Net in only `T'` steps.
 //!
-//! This crate will hold the std runtime (ONNX models through tract, the pipeline, the
-//! CLI). Today it re-exports the allocation-free maths of [`esddpm_core`] — schedules,
-//! timestep spacing, the sampler state machines and the seeded noise — which is all a
-//! caller needs to run ES-DDPM with a model of its own; see `examples/standin.rs`.
+//! The data path, top to bottom:
+//!
+//! 1. [`Pipeline::from_folder`] loads a model folder: diffusers' `scheduler_config.json`,
+//!    `esddpm.json`, the ONNX U-Net and priors (run by tract);
+//! 2. the prior turns seeded latents into images ([`Pipeline::prior_images`]);
+//! 3. [`Session`] diffuses them to `T'` and runs the sampler of [`esddpm_core`] one U-Net
+//!    call per step;
+//! 4. [`Images`] holds the result, f32 NCHW in [-1, 1], with 8-bit and PNG helpers.
+//!
+//! ```no_run
+//! use esddpm::{GenerateOptions, LoadOptions, Pipeline, Start};
+//! let pipeline = Pipeline::from_folder("models/fashion", &LoadOptions::default())?;
+//! let images = pipeline.generate(&GenerateOptions {
+//!     seed: 42,
+//!     batch: 8,
+//!     start: Start::EarlyStop { t_prime: Some(100) },
+//!     ..Default::default()
+//! })?;
+//! images.save_png_grid("grid.png".as_ref(), 8)?;
+//! # Ok::<(), esddpm::Error>(())
+//! ```
 
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod images;
+pub mod model;
+pub mod pipeline;
+pub mod prior;
+pub mod session;
+pub mod unet;
+
+pub use config::{EsddpmConfig, OutputRange, PriorEntry, SchedulerConfig};
+pub use control::{slerp, Paste};
+pub use error::{Error, ModelRole, Result};
 pub use esddpm_core;
-pub use esddpm_core::*;
+pub use images::Images;
+pub use pipeline::{
+    GenerateOptions, LoadOptions, MemoryFolder, Pipeline, Progress, SamplerChoice, Start,
+};
+pub use session::Session;

@@ -70,7 +70,9 @@ pub use error::{Error, RespacingError, Result};
 pub use mask::Mask;
 pub use noise::{Draw, NoiseSource, NormalStream};
 pub use predict::{PredictionType, Thresholding, X0Options};
-pub use sampler::{Init, ModelCall, Sampler, SamplerConfig, SamplerKind, StepInfo, VarianceType};
+pub use sampler::{
+    Init, ModelCall, Sampler, SamplerConfig, SamplerKind, SamplerProgress, StepInfo, VarianceType,
+};
 pub use schedule::{BetaSchedule, NoiseSchedule, Posterior, ScheduleConfig};
 pub use shape::ImageShape;
 pub use spacing::{check_timesteps, Respacing, TimestepSpacing};

@@ -201,7 +201,7 @@ pub enum Init<'i> {
 /// is a pure function of seed, image, draw and element, and DPM-Solver++'s history lives
 /// in the caller's workspace). Lets a caller that cannot keep the borrowing `Sampler`
 /// alive (a session object, a C handle) store the progress instead.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct SamplerProgress {
     step: usize,
     initialized: bool,

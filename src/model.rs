@@ -1,0 +1,239 @@
+//! ONNX models through tract: loading from a path or bytes, reading the signature,
+//! and one optimised plan per batch size, made once and reused.
+
+use crate::error::{Error, ModelRole, Result};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+/// One input or output as the ONNX file declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoDesc {
+    /// The name in the graph.
+    pub name: String,
+    /// The element type, if declared.
+    pub dtype: Option<DatumType>,
+    /// The dimensions, if the rank is known; `None` for a symbolic dimension (batch).
+    pub dims: Option<Vec<Option<i64>>>,
+}
+
+impl IoDesc {
+    /// The rank, if known.
+    pub fn rank(&self) -> Option<usize> {
+        self.dims.as_ref().map(Vec::len)
+    }
+}
+
+impl std::fmt::Display for IoDesc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dtype = self.dtype.map_or("?".to_string(), |d| format!("{d:?}"));
+        match &self.dims {
+            None => write!(f, "{} {dtype} [?]", self.name),
+            Some(d) => {
+                let dims: Vec<String> = d
+                    .iter()
+                    .map(|x| x.map_or("N".to_string(), |v| v.to_string()))
+                    .collect();
+                write!(f, "{} {dtype} [{}]", self.name, dims.join(", "))
+            }
+        }
+    }
+}
+
+/// Runs `f`, turning a panic inside tract into an error.
+pub(crate) fn guarded<T>(
+    role: ModelRole,
+    what: &str,
+    f: impl FnOnce() -> TractResult<T>,
+) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error_for(role, what, format!("{e:#}"))),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            Err(error_for(role, what, format!("tract panicked: {msg}")))
+        }
+    }
+}
+
+fn error_for(role: ModelRole, what: &str, message: String) -> Error {
+    match what {
+        "run" => Error::Inference { role, message },
+        _ => Error::ModelLoad {
+            role,
+            message: format!("{what}: {message}"),
+        },
+    }
+}
+
+/// An ONNX model, parsed once; optimised plans are made per batch size on demand and
+/// cached.
+pub struct OnnxModel {
+    role: ModelRole,
+    proto: InferenceModel,
+    inputs: Vec<IoDesc>,
+    outputs: Vec<IoDesc>,
+    plans: Mutex<HashMap<usize, Arc<TypedSimplePlan>>>,
+}
+
+impl std::fmt::Debug for OnnxModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxModel")
+            .field("role", &self.role)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+fn describe(fact: &InferenceFact, name: String) -> IoDesc {
+    let dtype = fact.datum_type.concretize();
+    let dims = fact.shape.rank().concretize().map(|_| {
+        fact.shape
+            .dims()
+            .map(|d| d.concretize().and_then(|t| t.to_i64().ok()))
+            .collect()
+    });
+    IoDesc { name, dtype, dims }
+}
+
+impl OnnxModel {
+    /// Reads and parses an ONNX file.
+    pub fn from_path(role: ModelRole, path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_bytes(role, &bytes)
+    }
+
+    /// Parses an ONNX model from memory (a game's asset pack, say).
+    pub fn from_bytes(role: ModelRole, bytes: &[u8]) -> Result<Self> {
+        let proto = guarded(role, "parse", || {
+            let mut reader = bytes;
+            tract_onnx::onnx().model_for_read(&mut reader)
+        })?;
+        let inputs = proto
+            .input_outlets()
+            .map_err(|e| error_for(role, "inputs", e.to_string()))?
+            .iter()
+            .map(|o| {
+                let fact = proto.outlet_fact(*o).expect("input outlet has a fact");
+                describe(fact, proto.node(o.node).name.clone())
+            })
+            .collect();
+        let outputs = proto
+            .output_outlets()
+            .map_err(|e| error_for(role, "outputs", e.to_string()))?
+            .iter()
+            .map(|o| {
+                let fact = proto.outlet_fact(*o).expect("output outlet has a fact");
+                describe(fact, proto.node(o.node).name.clone())
+            })
+            .collect();
+        Ok(Self {
+            role,
+            proto,
+            inputs,
+            outputs,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The declared inputs.
+    pub fn inputs(&self) -> &[IoDesc] {
+        &self.inputs
+    }
+
+    /// The declared outputs.
+    pub fn outputs(&self) -> &[IoDesc] {
+        &self.outputs
+    }
+
+    /// The optimised plan for `batch`, made with `facts(batch)` as the input facts on
+    /// first use and cached.
+    pub fn plan(
+        &self,
+        batch: usize,
+        facts: impl FnOnce(usize) -> Vec<InferenceFact>,
+    ) -> Result<Arc<TypedSimplePlan>> {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = plans.get(&batch) {
+            return Ok(p.clone());
+        }
+        let facts = facts(batch);
+        let proto = self.proto.clone();
+        let plan = guarded(self.role, "optimise", move || {
+            let mut m = proto;
+            for (i, f) in facts.into_iter().enumerate() {
+                m = m.with_input_fact(i, f)?;
+            }
+            m.into_optimized()?.into_runnable()
+        })?;
+        plans.insert(batch, plan.clone());
+        Ok(plan)
+    }
+}
+
+/// The concrete output shape of a plan's first output.
+pub(crate) fn output_shape(role: ModelRole, plan: &TypedSimplePlan) -> Result<Vec<usize>> {
+    let fact = plan
+        .model()
+        .output_fact(0)
+        .map_err(|e| error_for(role, "outputs", e.to_string()))?;
+    let dtype = fact.datum_type;
+    if dtype != DatumType::F32 {
+        return Err(Error::ModelSignature {
+            role,
+            message: format!("output is {dtype:?}, expected f32"),
+        });
+    }
+    fact.shape
+        .as_concrete()
+        .map(|s| s.to_vec())
+        .ok_or_else(|| Error::ModelSignature {
+            role,
+            message: format!("output shape {:?} is not concrete", fact.shape),
+        })
+}
+
+/// Runs a plan on `inputs` inside `executor` and copies the first output (f32) into
+/// `out`, which must have exactly its length.
+pub(crate) fn run_into(
+    role: ModelRole,
+    plan: &Arc<TypedSimplePlan>,
+    executor: &tract_linalg::multithread::Executor,
+    inputs: TVec<TValue>,
+    out: &mut [f32],
+) -> Result<()> {
+    let outputs = guarded(role, "run", || {
+        tract_linalg::multithread::multithread_tract_scope(executor.clone(), || plan.run(inputs))
+    })?;
+    let first = outputs.first().ok_or_else(|| Error::Inference {
+        role,
+        message: "the model returned no output".into(),
+    })?;
+    let view = first.try_as_plain_ram().map_err(|e| Error::Inference {
+        role,
+        message: e.to_string(),
+    })?;
+    let values = view.as_slice::<f32>().map_err(|e| Error::Inference {
+        role,
+        message: e.to_string(),
+    })?;
+    if values.len() != out.len() {
+        return Err(Error::ModelSignature {
+            role,
+            message: format!("output has {} values, expected {}", values.len(), out.len()),
+        });
+    }
+    out.copy_from_slice(values);
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The denoising U-Net: `sample` [N, C, H, W] f32 and `timestep` (int64 or f32, [N] or
+//! scalar) in, C channels (epsilon, x0 or v) or 2C (learned variance) out.
+
+use crate::error::{Error, ModelRole, Result};
+use crate::model::{output_shape, run_into, IoDesc, OnnxModel};
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+const ROLE: ModelRole = ModelRole::Unet;
+
+/// A U-Net whose signature has been checked against the sample shape.
+#[derive(Debug)]
+pub struct Unet {
+    model: OnnxModel,
+    sample_input: usize,
+    timestep_input: usize,
+    timestep_dtype: DatumType,
+    timestep_scalar: bool,
+    sample_shape: [usize; 3],
+    out_channels: usize,
+}
+
+fn sig_err(message: String) -> Error {
+    Error::ModelSignature {
+        role: ROLE,
+        message,
+    }
+}
+
+impl Unet {
+    /// Checks `model` against `sample_shape` (`[C, H, W]`), optimises it for batch 1
+    /// and reads its output channels.
+    pub fn new(model: OnnxModel, sample_shape: [usize; 3]) -> Result<Self> {
+        let inputs = model.inputs();
+        if inputs.len() != 2 {
+            return Err(sig_err(format!(
+                "expected 2 inputs (sample, timestep), found {}: {}",
+                inputs.len(),
+                list(inputs)
+            )));
+        }
+        // The sample is the input named "sample", else the one of rank 4.
+        let sample_input = inputs
+            .iter()
+            .position(|i| i.name == "sample")
+            .or_else(|| inputs.iter().position(|i| i.rank() == Some(4)))
+            .unwrap_or(0);
+        let timestep_input = 1 - sample_input;
+        let s = &inputs[sample_input];
+        if s.rank() != Some(4) {
+            return Err(sig_err(format!(
+                "input {s} must be a sample of rank 4 [N, C, H, W]"
+            )));
+        }
+        if s.dtype.is_some_and(|d| d != DatumType::F32) {
+            return Err(sig_err(format!("input {s} must be f32")));
+        }
+        if let Some(dims) = &s.dims {
+            for (k, (&want, got)) in sample_shape.iter().zip(&dims[1..]).enumerate() {
+                if let Some(g) = got {
+                    if *g != want as i64 {
+                        return Err(sig_err(format!(
+                            "input {s}: dimension {} is {g}, the config says {want}",
+                            k + 1
+                        )));
+                    }
+                }
+            }
+        }
+        let t = &inputs[timestep_input];
+        let timestep_dtype = match t.dtype {
+            Some(DatumType::I64) | None => DatumType::I64,
+            Some(d @ (DatumType::F32 | DatumType::I32)) => d,
+            Some(d) => {
+                return Err(sig_err(format!(
+                    "timestep input {t} has type {d:?}; expected int64 or f32"
+                )))
+            }
+        };
+        let timestep_scalar = match t.rank() {
+            Some(0) => true,
+            Some(1) | None => false,
+            Some(r) => {
+                return Err(sig_err(format!(
+                    "timestep input {t} has rank {r}; expected [N] or a scalar"
+                )))
+            }
+        };
+        let mut unet = Self {
+            model,
+            sample_input,
+            timestep_input,
+            timestep_dtype,
+            timestep_scalar,
+            sample_shape,
+            out_channels: 0,
+        };
+        let plan = unet.plan(1)?;
+        let out = output_shape(ROLE, &plan)?;
+        let [c, h, w] = sample_shape;
+        let ok = out.len() == 4
+            && out[0] == 1
+            && out[2] == h
+            && out[3] == w
+            && (out[1] == c || out[1] == 2 * c);
+        if !ok {
+            return Err(sig_err(format!(
+                "output shape {out:?} at batch 1; expected [1, {c}, {h}, {w}] or [1, {}, {h}, {w}] (learned variance)",
+                2 * c
+            )));
+        }
+        unet.out_channels = out[1];
+        Ok(unet)
+    }
+
+    /// Output channels: C, or 2C for a learned-variance model.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// `[C, H, W]` of one sample.
+    pub fn sample_shape(&self) -> [usize; 3] {
+        self.sample_shape
+    }
+
+    /// The underlying model.
+    pub fn model(&self) -> &OnnxModel {
+        &self.model
+    }
+
+    /// The optimised plan for `batch` (cached).
+    pub fn plan(&self, batch: usize) -> Result<Arc<TypedSimplePlan>> {
+        let [c, h, w] = self.sample_shape;
+        let (si, ti) = (self.sample_input, self.timestep_input);
+        let tdt = self.timestep_dtype;
+        let scalar = self.timestep_scalar;
+        self.model.plan(batch, |b| {
+            let mut facts = vec![InferenceFact::default(), InferenceFact::default()];
+            facts[si] = f32::fact([b, c, h, w]).into();
+            facts[ti] = if scalar {
+                InferenceFact::dt_shape(tdt, TVec::<usize>::new())
+            } else {
+                InferenceFact::dt_shape(tdt, tvec![b])
+            };
+            facts
+        })
+    }
+
+    /// Runs the U-Net on `x` (`batch` samples) at timestep `t` into `out`
+    /// (`batch * out_channels * H * W` values).
+    pub fn run(
+        &self,
+        batch: usize,
+        x: &[f32],
+        t: u32,
+        out: &mut [f32],
+        executor: &tract_linalg::multithread::Executor,
+    ) -> Result<()> {
+        let [c, h, w] = self.sample_shape;
+        let plan = self.plan(batch)?;
+        let sample = Tensor::from_shape(&[batch, c, h, w], x).map_err(|e| Error::Inference {
+            role: ROLE,
+            message: e.to_string(),
+        })?;
+        let n = if self.timestep_scalar { 0 } else { batch };
+        let shape: &[usize] = if self.timestep_scalar { &[] } else { &[n] };
+        let timestep = match self.timestep_dtype {
+            DatumType::F32 => Tensor::from_shape(shape, &vec![t as f32; n.max(1)]),
+            DatumType::I32 => Tensor::from_shape(shape, &vec![t as i32; n.max(1)]),
+            _ => Tensor::from_shape(shape, &vec![i64::from(t); n.max(1)]),
+        }
+        .map_err(|e| Error::Inference {
+            role: ROLE,
+            message: e.to_string(),
+        })?;
+        let (s, t) = (sample.into_tvalue(), timestep.into_tvalue());
+        let inputs: TVec<TValue> = if self.sample_input == 0 {
+            tvec![s, t]
+        } else {
+            tvec![t, s]
+        };
+        run_into(ROLE, &plan, executor, inputs, out)
+    }
+}
+
+fn list(inputs: &[IoDesc]) -> String {
+    inputs
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
