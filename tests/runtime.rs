@@ -610,3 +610,23 @@ fn prior_output_ranges_are_mapped() {
         assert!(img.data.iter().any(|v| *v < -0.2) || img.data.iter().any(|v| *v > 0.2));
     }
 }
+
+#[test]
+fn a_pipeline_is_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Pipeline>();
+    let p = load_tiny();
+    let alone: Vec<Vec<f32>> = (0..3)
+        .map(|s| p.generate(&opts(s, 1)).unwrap().data)
+        .collect();
+    let threaded: Vec<Vec<f32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|s| {
+                let p = &p;
+                scope.spawn(move || p.generate(&opts(s, 1)).unwrap().data)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, threaded);
+}
