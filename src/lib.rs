@@ -26,6 +26,8 @@
 //! # Ok::<(), esddpm::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod control;
 pub mod error;
