@@ -204,17 +204,18 @@ pub(crate) fn output_shape(role: ModelRole, plan: &TypedSimplePlan) -> Result<Ve
         })
 }
 
-/// Runs a plan on `inputs` inside `executor` and copies the first output (f32) into
-/// `out`, which must have exactly its length.
+/// Runs `state` (a plan's reusable state: tract keeps its scratch between calls) on
+/// `inputs` inside `executor` and copies the first output (f32) into `out`, which must
+/// have exactly its length.
 pub(crate) fn run_into(
     role: ModelRole,
-    plan: &Arc<TypedSimplePlan>,
+    state: &mut TypedSimpleState,
     executor: &tract_linalg::multithread::Executor,
     inputs: TVec<TValue>,
     out: &mut [f32],
 ) -> Result<()> {
     let outputs = guarded(role, "run", || {
-        tract_linalg::multithread::multithread_tract_scope(executor.clone(), || plan.run(inputs))
+        tract_linalg::multithread::multithread_tract_scope(executor.clone(), || state.run(inputs))
     })?;
     let first = outputs.first().ok_or_else(|| Error::Inference {
         role,
@@ -236,4 +237,9 @@ pub(crate) fn run_into(
     }
     out.copy_from_slice(values);
     Ok(())
+}
+
+/// A plan's run state, kept between calls so that tract reuses its buffers.
+pub(crate) fn new_state(role: ModelRole, plan: &Arc<TypedSimplePlan>) -> Result<TypedSimpleState> {
+    guarded(role, "state", || TypedSimpleState::new(plan))
 }

@@ -4,7 +4,7 @@
 
 use crate::config::{OutputRange, PriorEntry};
 use crate::error::{Error, ModelRole, Result};
-use crate::model::{output_shape, run_into, OnnxModel};
+use crate::model::{new_state, output_shape, run_into, OnnxModel};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
@@ -207,7 +207,8 @@ impl Prior {
             .into_iter()
             .map(|v| v.expect("every input set"))
             .collect();
-        run_into(ROLE, &plan, executor, inputs, out)?;
+        let mut state = new_state(ROLE, &plan)?;
+        run_into(ROLE, &mut state, executor, inputs, out)?;
         if out.iter().any(|v| !v.is_finite()) {
             return Err(Error::NonFiniteOutput {
                 role: ROLE,

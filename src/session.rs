@@ -4,13 +4,15 @@
 use crate::error::{Error, ModelRole, Result};
 use crate::images::Images;
 use crate::pipeline::{GenerateOptions, Pipeline, SamplerChoice, Start};
+use crate::unet::UnetState;
 use esddpm_core::{
     ImageShape, Init, Mask, NoiseSchedule, Sampler, SamplerConfig, SamplerProgress, StartAt,
     StepInfo, TimestepSpacing,
 };
 
 /// A generation in progress. Borrows its [`Pipeline`]; many sessions can run on one
-/// pipeline from several threads.
+/// pipeline from several threads. `Send`: a session can move to another thread (one
+/// thread at a time).
 #[derive(Debug)]
 pub struct Session<'p> {
     pipeline: &'p Pipeline,
@@ -28,6 +30,7 @@ pub struct Session<'p> {
     work: Vec<f32>,
     progress: SamplerProgress,
     num_steps: usize,
+    unet_state: UnetState,
 }
 
 /// The core sampler of a run, rebuilt from a session's fields (it borrows them, so a
@@ -171,6 +174,7 @@ impl<'p> Session<'p> {
             work: Vec::new(),
             progress: SamplerProgress::default(),
             num_steps: 0,
+            unet_state: pipeline.unet.state(1)?,
         };
         let mut sampler = build_sampler(
             session.schedule,
@@ -213,9 +217,13 @@ impl<'p> Session<'p> {
         let il = self.shape.image_len();
         let ol = self.out.len() / self.shape.batch;
         for (x, out) in self.x.chunks(il).zip(self.out.chunks_mut(ol)) {
-            self.pipeline
-                .unet
-                .run(1, x, call.timestep, out, &self.pipeline.executor)?;
+            self.pipeline.unet.run_in(
+                &mut self.unet_state,
+                x,
+                call.timestep,
+                out,
+                &self.pipeline.executor,
+            )?;
         }
         let info = sampler
             .step(&mut self.x, &self.out, &mut self.work)

@@ -2,7 +2,7 @@
 //! scalar) in, C channels (epsilon, x0 or v) or 2C (learned variance) out.
 
 use crate::error::{Error, ModelRole, Result};
-use crate::model::{output_shape, run_into, IoDesc, OnnxModel};
+use crate::model::{new_state, output_shape, run_into, IoDesc, OnnxModel};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
@@ -146,8 +146,17 @@ impl Unet {
         })
     }
 
+    /// A reusable run state for `batch` (tract keeps its buffers in it between calls).
+    pub fn state(&self, batch: usize) -> Result<UnetState> {
+        let plan = self.plan(batch)?;
+        Ok(UnetState {
+            batch,
+            state: new_state(ROLE, &plan)?,
+        })
+    }
+
     /// Runs the U-Net on `x` (`batch` samples) at timestep `t` into `out`
-    /// (`batch * out_channels * H * W` values).
+    /// (`batch * out_channels * H * W` values), with a fresh run state.
     pub fn run(
         &self,
         batch: usize,
@@ -156,8 +165,21 @@ impl Unet {
         out: &mut [f32],
         executor: &tract_linalg::multithread::Executor,
     ) -> Result<()> {
+        let mut state = self.state(batch)?;
+        self.run_in(&mut state, x, t, out, executor)
+    }
+
+    /// [`Self::run`] with a run state made by [`Self::state`], reused across steps.
+    pub fn run_in(
+        &self,
+        state: &mut UnetState,
+        x: &[f32],
+        t: u32,
+        out: &mut [f32],
+        executor: &tract_linalg::multithread::Executor,
+    ) -> Result<()> {
+        let batch = state.batch;
         let [c, h, w] = self.sample_shape;
-        let plan = self.plan(batch)?;
         let sample = Tensor::from_shape(&[batch, c, h, w], x).map_err(|e| Error::Inference {
             role: ROLE,
             message: e.to_string(),
@@ -179,7 +201,21 @@ impl Unet {
         } else {
             tvec![t, s]
         };
-        run_into(ROLE, &plan, executor, inputs, out)
+        run_into(ROLE, &mut state.state, executor, inputs, out)
+    }
+}
+
+/// The U-Net's reusable run state for one batch size.
+pub struct UnetState {
+    batch: usize,
+    state: TypedSimpleState,
+}
+
+impl std::fmt::Debug for UnetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnetState")
+            .field("batch", &self.batch)
+            .finish()
     }
 }
 

@@ -615,6 +615,8 @@ fn prior_output_ranges_are_mapped() {
 fn a_pipeline_is_shared_across_threads() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Pipeline>();
+    fn send<T: Send>() {}
+    send::<Session<'static>>();
     let p = load_tiny();
     let alone: Vec<Vec<f32>> = (0..3)
         .map(|s| p.generate(&opts(s, 1)).unwrap().data)
