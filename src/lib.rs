@@ -31,6 +31,7 @@
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod fid;
 pub mod images;
 pub mod model;
 pub mod pipeline;
