@@ -55,7 +55,10 @@ fn tract_matches_onnxruntime_on_the_shipped_models() {
         let expect = floats(&m["outputs"]["image"]);
         let batch = m["inputs"]["z"]["shape"][0].as_u64().unwrap() as usize;
         let mut out = vec![0.0f32; expect.len()];
-        p.prior(prior).unwrap().run(batch, &z, None, &mut out, &exec).unwrap();
+        p.prior(prior)
+            .unwrap()
+            .run(batch, &z, None, &mut out, &exec)
+            .unwrap();
         let d = max_diff(&out, &expect);
         assert!(d <= 1e-4, "{model}: max abs diff {d}");
     }
@@ -78,8 +81,14 @@ fn es_ddpm_runs_with_each_shipped_prior() {
         };
         let x0 = p.prior_images(&o).unwrap();
         let img = p.generate(&o).unwrap();
-        assert!(img.data.iter().all(|v| v.is_finite() && (-1.0..=1.0).contains(v)));
+        assert!(img
+            .data
+            .iter()
+            .all(|v| v.is_finite() && (-1.0..=1.0).contains(v)));
         let d = max_diff(&img.data, &x0.data);
-        assert!(d > 0.05, "{prior}: ES-DDPM left the prior's image unchanged ({d})");
+        assert!(
+            d > 0.05,
+            "{prior}: ES-DDPM left the prior's image unchanged ({d})"
+        );
     }
 }
