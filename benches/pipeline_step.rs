@@ -106,7 +106,7 @@ fn main() {
         for _ in 0..rounds {
             let t = Instant::now();
             p.unet()
-                .run(1, &x, 500, &mut out, &executor)
+                .run_in(&mut state, &x, 500, &mut out, &executor)
                 .expect("forward");
             fwd.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
