@@ -84,6 +84,8 @@ pub struct GenerateOptions {
     pub steps: Option<usize>,
     /// Override the config's `clip_sample`.
     pub clip_sample: Option<bool>,
+    /// Override the config's `clip_sample_range`.
+    pub clip_sample_range: Option<f64>,
     /// Which prior (a name of `esddpm.json`); `None` = the default prior.
     pub prior: Option<String>,
     /// The prior's latents (`batch * latent_len` values) instead of seeded ones.
@@ -110,6 +112,7 @@ impl Default for GenerateOptions {
             sampler: SamplerChoice::Ddpm,
             steps: None,
             clip_sample: None,
+            clip_sample_range: None,
             prior: None,
             latents: None,
             class_labels: None,

@@ -107,6 +107,9 @@ impl<'p> Session<'p> {
         if let Some(clip) = o.clip_sample {
             x0_opts.clip_sample = clip;
         }
+        if let Some(range) = o.clip_sample_range {
+            x0_opts.clip_sample_range = range;
+        }
         let config = SamplerConfig {
             kind,
             x0: x0_opts,

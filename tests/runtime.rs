@@ -581,6 +581,22 @@ fn each_bad_input_has_its_own_error() {
     );
     let e = p
         .generate(&GenerateOptions {
+            clip_sample_range: Some(0.0),
+            ..opts(1, 1)
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Core(esddpm_core::Error::InvalidParameter {
+                name: "clip_sample_range",
+                ..
+            })
+        ),
+        "{e}"
+    );
+    let e = p
+        .generate(&GenerateOptions {
             start: Start::Strength(1.5),
             ..opts(1, 1)
         })
