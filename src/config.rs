@@ -78,24 +78,29 @@ pub struct SchedulerConfig {
 }
 
 impl Default for SchedulerConfig {
+    /// diffusers' defaults, taken from the core's own defaults.
     fn default() -> Self {
+        let schedule = ScheduleConfig::default();
+        let x0 = X0Options::default();
+        let threshold = Thresholding::default();
+        let sampler = SamplerConfig::default();
         Self {
-            num_train_timesteps: 1000,
-            beta_start: 1e-4,
-            beta_end: 0.02,
-            beta_schedule: BetaSchedule::Linear,
+            num_train_timesteps: schedule.num_train_timesteps,
+            beta_start: schedule.beta_start,
+            beta_end: schedule.beta_end,
+            beta_schedule: schedule.beta_schedule,
             trained_betas: None,
-            variance_type: VarianceType::FixedSmall,
-            clip_sample: true,
-            clip_sample_range: 1.0,
-            prediction_type: PredictionType::Epsilon,
-            thresholding: false,
-            dynamic_thresholding_ratio: 0.995,
-            sample_max_value: 1.0,
-            timestep_spacing: TimestepSpacing::Leading,
+            variance_type: VarianceType::default(),
+            clip_sample: x0.clip_sample,
+            clip_sample_range: x0.clip_sample_range,
+            prediction_type: x0.prediction_type,
+            thresholding: x0.thresholding.is_some(),
+            dynamic_thresholding_ratio: threshold.ratio,
+            sample_max_value: threshold.max_value,
+            timestep_spacing: TimestepSpacing::default(),
             steps_offset: 0,
-            set_alpha_to_one: true,
-            rescale_betas_zero_snr: false,
+            set_alpha_to_one: sampler.set_alpha_to_one,
+            rescale_betas_zero_snr: schedule.rescale_betas_zero_snr,
             warnings: Vec::new(),
         }
     }

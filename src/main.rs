@@ -216,18 +216,22 @@ fn read_png(path: &Path, [c, h, w]: [usize; 3]) -> Result<Vec<f32>, String> {
 }
 
 fn run_with_bar(p: &Pipeline, o: &GenerateOptions) -> esddpm::Result<Images> {
-    let mut session = p.session(o)?;
-    let bar = ProgressBar::new(session.num_steps() as u64);
+    let bar = ProgressBar::no_length();
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} steps, t={msg} [{elapsed_precise}]")
             .expect("valid template"),
     );
-    while let Some(info) = session.step()? {
-        bar.set_message(info.timestep.to_string());
-        bar.inc(1);
-    }
+    let images = p.generate_with(
+        o,
+        |progress| {
+            bar.set_length(progress.total as u64);
+            bar.set_message(progress.info.timestep.to_string());
+            bar.inc(1);
+        },
+        None,
+    )?;
     bar.finish();
-    Ok(session.into_images())
+    Ok(images)
 }
 
 fn generate_cmd(p: &Pipeline, a: &GenerateArgs, o: GenerateOptions) -> Result<(), String> {

@@ -426,32 +426,27 @@ impl Pipeline {
 
     /// The sampler kind for a choice, with the config's variance type for DDPM.
     pub(crate) fn sampler_kind(&self, choice: SamplerChoice) -> Result<SamplerKind> {
-        Ok(match choice {
-            SamplerChoice::Ddpm => SamplerKind::Ddpm {
-                variance_type: self.scheduler.variance_type,
+        let kind = match choice {
+            SamplerChoice::Ddpm => {
+                return Ok(SamplerKind::Ddpm {
+                    variance_type: self.scheduler.variance_type,
+                })
+            }
+            SamplerChoice::Ddim { eta } => SamplerKind::Ddim {
+                eta,
+                use_clipped_model_output: false,
             },
-            SamplerChoice::Ddim { eta } => {
-                if self.scheduler.variance_type.is_learned() {
-                    return Err(Error::InvalidParameter {
-                        name: "sampler",
-                        message: "DDIM needs a U-Net with C output channels; this one learns its variance (use DDPM)".into(),
-                    });
-                }
-                SamplerKind::Ddim {
-                    eta,
-                    use_clipped_model_output: false,
-                }
-            }
-            SamplerChoice::DpmSolver => {
-                if self.scheduler.variance_type.is_learned() {
-                    return Err(Error::InvalidParameter {
-                        name: "sampler",
-                        message: "DPM-Solver++ needs a U-Net with C output channels; this one learns its variance (use DDPM)".into(),
-                    });
-                }
-                SamplerKind::DpmSolverPlusPlus2M
-            }
-        })
+            SamplerChoice::DpmSolver => SamplerKind::DpmSolverPlusPlus2M,
+        };
+        if self.scheduler.variance_type.is_learned() {
+            return Err(Error::InvalidParameter {
+                name: "sampler",
+                message: format!(
+                    "{choice:?} needs a U-Net with C output channels; this one learns its variance (use DDPM)"
+                ),
+            });
+        }
+        Ok(kind)
     }
 
     /// The prior's latents for a batch: the caller's, or standard normals from

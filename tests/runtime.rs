@@ -2,6 +2,9 @@
 //! `tools/models/make_test_models.py`): tract against onnxruntime, determinism,
 //! progress and cancellation, control, and one clear error per kind of bad input.
 
+mod common;
+
+use common::{f32s, max_diff};
 use esddpm::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -17,19 +20,6 @@ fn tiny() -> PathBuf {
 
 fn load_tiny() -> Pipeline {
     Pipeline::from_folder(tiny(), &LoadOptions { threads: Some(1) }).expect("tiny models load")
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// Copies the tiny folder into a temp dir, applying `edit` to it.
@@ -51,8 +41,8 @@ fn tract_matches_onnxruntime() {
     let p = load_tiny();
     let exec = tract_linalg_executor();
     // U-Net at batch 2, timesteps [10, 500]: one call per image.
-    let sample = floats(&r["unet"]["sample"]);
-    let expect = floats(&r["unet"]["noise_pred"]);
+    let sample = f32s(&r["unet"]["sample"]);
+    let expect = f32s(&r["unet"]["noise_pred"]);
     let ts: Vec<u32> = r["unet"]["timestep"]
         .as_array()
         .unwrap()
@@ -70,8 +60,8 @@ fn tract_matches_onnxruntime() {
     }
     // Priors at batch 2.
     for (name, key) in [("mlp", "prior"), ("mlp_cond", "prior_cond")] {
-        let z = floats(&r[key]["z"]);
-        let expect = floats(&r[key]["image"]);
+        let z = f32s(&r[key]["z"]);
+        let expect = f32s(&r[key]["image"]);
         let labels: Option<Vec<i64>> = r[key].get("class_label").map(|l| {
             l.as_array()
                 .unwrap()
@@ -382,7 +372,7 @@ fn diffusers_layout_loads() {
         dir.path().join("scheduler/scheduler_config.json"),
     )
     .unwrap();
-    // The tiny U-Net's H and W are symbolic in the file? then an esddpm.json is needed.
+    // The tiny U-Net declares C, H and W, so no esddpm.json is needed.
     std::fs::copy(tiny().join("unet.onnx"), dir.path().join("unet/model.onnx")).unwrap();
     match Pipeline::from_folder(dir.path(), &LoadOptions { threads: Some(1) }) {
         Ok(p) => {
@@ -401,7 +391,7 @@ fn diffusers_layout_loads() {
                 .unwrap();
             assert_eq!(img.data.len(), 256);
         }
-        Err(e) => assert!(matches!(e, Error::ModelSignature { .. }), "{e}"),
+        Err(e) => panic!("diffusers layout must load: {e}"),
     }
 }
 

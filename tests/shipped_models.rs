@@ -2,26 +2,15 @@
 //! and exported by `tools/train/`): tract agrees with onnxruntime on the exported
 //! reference inputs, and ES-DDPM runs with each prior.
 
+mod common;
+
+use common::{f32s, max_diff};
 use esddpm::*;
 use serde_json::Value;
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fashion")
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0, |m, (x, y)| m.max((x - y).abs()))
 }
 
 #[test]
@@ -32,14 +21,14 @@ fn tract_matches_onnxruntime_on_the_shipped_models() {
             .unwrap();
     let exec = tract_linalg::multithread::Executor::SingleThread;
     let unet = &r["models"]["unet"];
-    let sample = floats(&unet["inputs"]["sample"]);
+    let sample = f32s(&unet["inputs"]["sample"]["data"]);
     let ts: Vec<u32> = unet["inputs"]["timestep"]["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_u64().unwrap() as u32)
         .collect();
-    let expect = floats(&unet["outputs"]["noise_pred"]);
+    let expect = f32s(&unet["outputs"]["noise_pred"]["data"]);
     let il = sample.len() / ts.len();
     let mut out = vec![0.0f32; il];
     for (i, &t) in ts.iter().enumerate() {
@@ -51,8 +40,8 @@ fn tract_matches_onnxruntime_on_the_shipped_models() {
     }
     for (model, prior) in [("gan_generator", "gan"), ("vae_decoder", "vae")] {
         let m = &r["models"][model];
-        let z = floats(&m["inputs"]["z"]);
-        let expect = floats(&m["outputs"]["image"]);
+        let z = f32s(&m["inputs"]["z"]["data"]);
+        let expect = f32s(&m["outputs"]["image"]["data"]);
         let batch = m["inputs"]["z"]["shape"][0].as_u64().unwrap() as usize;
         let mut out = vec![0.0f32; expect.len()];
         p.prior(prior)

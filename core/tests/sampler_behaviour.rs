@@ -445,6 +445,44 @@ fn ddim_eta_zero_is_deterministic_and_eta_one_is_not() {
     assert_eq!(a(0.0, 1), a(0.0, 1));
     assert_ne!(a(1.0, 1), a(0.0, 1));
     assert_ne!(a(1.0, 1), a(1.0, 2));
+    // eta = 0 reads no step noise at all: any supplied noise gives the seeded result.
+    let mut abar = Vec::new();
+    let schedule = linear_schedule(&mut abar);
+    let mut chain = Vec::new();
+    full_chain(&mut chain, "ddim50");
+    let kind = SamplerKind::Ddim {
+        eta: 0.0,
+        use_clipped_model_output: false,
+    };
+    let config = SamplerConfig {
+        kind,
+        ..Default::default()
+    };
+    let make = || {
+        Sampler::new(
+            schedule,
+            &chain,
+            StartAt::EarlyStop { steps: 10 },
+            config,
+            shape,
+            1,
+        )
+        .unwrap()
+    };
+    let (mut s1, mut s2) = (make(), make());
+    let (mut x1, mut x2) = (vec![0.0f32; 4], vec![0.0f32; 4]);
+    let mut work = vec![0.0f32; s1.workspace_len()];
+    let mut out = [0.0f32; 4];
+    s1.init(&mut x1, Init::Image(&prior)).unwrap();
+    s2.init(&mut x2, Init::Image(&prior)).unwrap();
+    while let Some(call) = s1.next_call() {
+        smooth_model(&x1, call.timestep, &mut out);
+        s1.step(&mut x1, &out, &mut work).unwrap();
+        s2.step_with_noise(&mut x2, &out, &mut work, &[9.0; 4])
+            .unwrap();
+    }
+    assert_eq!(x1, x2);
+    assert_eq!(x1, a(0.0, 1));
 }
 
 #[test]
