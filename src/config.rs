@@ -424,6 +424,16 @@ pub struct PriorEntry {
     pub num_classes: Option<usize>,
 }
 
+/// The optional `classifier` entry of `esddpm.json`: the model whose penultimate
+/// features define the FID of `esddpm eval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifierEntry {
+    /// File name, relative to the folder.
+    pub file: String,
+    /// The name of the output that holds the features (`[N, D]`).
+    pub features_output: String,
+}
+
 /// `esddpm.json`: which files make up the pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EsddpmConfig {
@@ -435,6 +445,8 @@ pub struct EsddpmConfig {
     pub default_prior: Option<String>,
     /// The recommended early-stop start `T'` (reverse steps of the full chain).
     pub recommended_start: usize,
+    /// The evaluation classifier, if the folder ships one.
+    pub classifier: Option<ClassifierEntry>,
     /// Unknown keys that were ignored.
     pub warnings: Vec<String>,
 }
@@ -560,11 +572,29 @@ impl EsddpmConfig {
         if recommended_start == 0 {
             return Err(root.err("recommended_start", "must be at least 1"));
         }
+        let classifier = match root.get("classifier") {
+            None => None,
+            Some(v) => {
+                let c = Fields::new(file, "classifier", v)?;
+                c.unknown_keys(&["file", "features_output", "logits_output"], &mut warnings);
+                Some(ClassifierEntry {
+                    file: c
+                        .str("file")?
+                        .ok_or_else(|| c.err("file", "missing"))?
+                        .to_string(),
+                    features_output: c
+                        .str("features_output")?
+                        .ok_or_else(|| c.err("features_output", "missing"))?
+                        .to_string(),
+                })
+            }
+        };
         Ok(Self {
             unet,
             priors,
             default_prior,
             recommended_start,
+            classifier,
             warnings,
         })
     }

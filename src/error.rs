@@ -12,6 +12,8 @@ pub enum ModelRole {
     Unet,
     /// The prior (GAN generator or VAE decoder).
     Prior,
+    /// The classifier whose features define the FID of the benchmark.
+    Classifier,
 }
 
 impl std::fmt::Display for ModelRole {
@@ -19,6 +21,7 @@ impl std::fmt::Display for ModelRole {
         f.write_str(match self {
             ModelRole::Unet => "U-Net",
             ModelRole::Prior => "prior",
+            ModelRole::Classifier => "classifier",
         })
     }
 }
@@ -86,6 +89,14 @@ pub enum Error {
         role: ModelRole,
         /// The reverse step, for the U-Net.
         step: Option<usize>,
+    },
+    /// A dataset file (Fashion-MNIST IDX) is malformed.
+    #[error("dataset file {path}: {message}")]
+    Dataset {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
     },
     /// An invalid generation parameter.
     #[error("invalid parameter {name}: {message}")]

@@ -91,23 +91,43 @@ impl Images {
     /// Writes [`Self::grid`] as a PNG file.
     pub fn save_png_grid(&self, path: &Path, cols: usize) -> Result<()> {
         let (w, h, px) = self.grid(cols);
-        let io = |source: std::io::Error| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = std::fs::File::create(path).map_err(io)?;
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
-        enc.set_color(if self.shape.channels >= 3 {
-            png::ColorType::Rgb
-        } else {
-            png::ColorType::Grayscale
-        });
-        enc.set_depth(png::BitDepth::Eight);
-        let png_err = |e: png::EncodingError| io(std::io::Error::other(e));
-        enc.write_header()
-            .map_err(png_err)?
-            .write_image_data(&px)
-            .map_err(png_err)?;
-        Ok(())
+        write_png(path, w, h, self.shape.channels.min(3), &px)
     }
+}
+
+/// Writes 8-bit pixels as a PNG file: `channels` 1 (gray) or 3 (RGB), interleaved rows.
+pub fn write_png(
+    path: &Path,
+    width: usize,
+    height: usize,
+    channels: usize,
+    px: &[u8],
+) -> Result<()> {
+    let io = |source: std::io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    if px.len() != width * height * channels || !(channels == 1 || channels == 3) {
+        return Err(Error::InvalidParameter {
+            name: "pixels",
+            message: format!(
+                "{} bytes for a {width}x{height} image of {channels} channels",
+                px.len()
+            ),
+        });
+    }
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    enc.set_color(if channels == 3 {
+        png::ColorType::Rgb
+    } else {
+        png::ColorType::Grayscale
+    });
+    enc.set_depth(png::BitDepth::Eight);
+    let png_err = |e: png::EncodingError| io(std::io::Error::other(e));
+    enc.write_header()
+        .map_err(png_err)?
+        .write_image_data(px)
+        .map_err(png_err)?;
+    Ok(())
 }

@@ -28,9 +28,12 @@
 
 #![deny(missing_docs)]
 
+pub mod classifier;
 pub mod config;
 pub mod control;
+pub mod dataset;
 pub mod error;
+pub mod eval;
 pub mod fid;
 pub mod images;
 pub mod model;
@@ -39,7 +42,7 @@ pub mod prior;
 pub mod session;
 pub mod unet;
 
-pub use config::{EsddpmConfig, OutputRange, PriorEntry, SchedulerConfig};
+pub use config::{ClassifierEntry, EsddpmConfig, OutputRange, PriorEntry, SchedulerConfig};
 pub use control::{slerp, Paste};
 pub use error::{Error, ModelRole, Result};
 pub use esddpm_core;

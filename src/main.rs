@@ -58,12 +58,57 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         frames: usize,
     },
+    /// The FID benchmark: prior alone, DDPM/DDIM from noise and ES-DDPM, N images
+    /// each, FID in the folder's classifier features against the Fashion-MNIST test set.
+    Eval(EvalArgs),
     /// Describe a model folder.
     Info {
         /// Model folder (default: the shipped models).
         #[arg(long)]
         model: Option<PathBuf>,
     },
+}
+
+#[derive(Args, Clone)]
+struct EvalArgs {
+    /// Model folder with a classifier entry (default: the shipped models).
+    #[arg(long, default_value = SHIPPED)]
+    model: PathBuf,
+    /// Folder of the Fashion-MNIST IDX files (gzip'd or not).
+    #[arg(long, default_value = esddpm::dataset::DEFAULT_DIR)]
+    data: PathBuf,
+    /// Generated images per row (the same for every row).
+    #[arg(long, default_value_t = 2000)]
+    n: usize,
+    /// Seed of every row.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images made at once, one core each (default: physical cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Images per cached chunk.
+    #[arg(long, default_value_t = 25)]
+    chunk: usize,
+    /// Only these rows (ids from --list), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    rows: Vec<String>,
+    /// List the rows and their U-Net calls, then stop.
+    #[arg(long)]
+    list: bool,
+    /// Chunk cache (a subfolder per model-folder fingerprint): an interrupted run
+    /// resumes from it.
+    #[arg(long, default_value = "target/eval-cache")]
+    cache: PathBuf,
+    /// Recompute everything, ignoring and not writing the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also write the figure: each prior's samples beside ES-DDPM (T' = 100, DDPM
+    /// chain) from the same latents.
+    #[arg(long)]
+    figure: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -253,9 +298,126 @@ fn generate_cmd(p: &Pipeline, a: &GenerateArgs, o: GenerateOptions) -> Result<()
     Ok(())
 }
 
+/// A hash of every file of the model folder (names and bytes), so that the eval cache
+/// of one set of models is never read for another.
+fn folder_fingerprint(folder: &Path) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    let mut h = DefaultHasher::new();
+    for f in files.iter().filter(|f| f.is_file()) {
+        f.file_name().hash(&mut h);
+        std::fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
+    use esddpm::classifier::Classifier;
+    use esddpm::dataset::{load_fashion_mnist, Split};
+    use esddpm::eval::{self, EvalConfig, Evaluator};
+    let err = |e: esddpm::Error| e.to_string();
+    // One tract thread per pipeline call: the workers are the parallelism.
+    let p = load(&Some(a.model.clone()), Some(1)).map_err(err)?;
+    let mut rows = eval::standard_rows(&p);
+    if !a.rows.is_empty() {
+        for r in &a.rows {
+            if !rows.iter().any(|x| &x.id == r) {
+                return Err(format!("no row {r:?}; see --list"));
+            }
+        }
+        rows.retain(|x| a.rows.contains(&x.id));
+    }
+    if a.list {
+        for r in &rows {
+            println!(
+                "{:<22} {:>5} U-Net calls  {}",
+                r.id,
+                r.unet_calls(&p).map_err(err)?,
+                r.label
+            );
+        }
+        return Ok(());
+    }
+    if let Some(path) = &a.figure {
+        eval::prior_vs_esddpm_figure(&p, a.seed, 8, 100, path).map_err(err)?;
+        println!("wrote {}", path.display());
+    }
+    let text = std::fs::read_to_string(a.model.join("esddpm.json"))
+        .map_err(|e| format!("{}: {e}", a.model.join("esddpm.json").display()))?;
+    let entry = esddpm::EsddpmConfig::from_json(&text)
+        .map_err(err)?
+        .classifier
+        .ok_or_else(|| format!("{}/esddpm.json has no classifier entry", a.model.display()))?;
+    let classifier = Classifier::from_folder(&a.model, &entry, p.image_shape()).map_err(err)?;
+    let (_, test) = load_fashion_mnist(&a.data, Split::Test).map_err(err)?;
+    let train = if rows.iter().any(|r| r.method == eval::Method::Real) {
+        load_fashion_mnist(&a.data, Split::Train).map_err(err)?.1
+    } else {
+        Vec::new()
+    };
+    let workers = a.workers.unwrap_or_else(num_cpus::get_physical).max(1);
+    let config = EvalConfig {
+        n: a.n,
+        seed: a.seed,
+        workers,
+        chunk: a.chunk,
+        cache_dir: (!a.no_cache).then(|| a.cache.join(folder_fingerprint(&a.model))),
+    };
+    eprintln!(
+        "{} rows x {} images, seed {}, {workers} workers; cache: {}",
+        rows.len(),
+        a.n,
+        a.seed,
+        if a.no_cache {
+            "off".to_string()
+        } else {
+            a.cache.display().to_string()
+        }
+    );
+    let ev = Evaluator::new(&p, &classifier, &test, &train, config).map_err(err)?;
+    let mut results = Vec::new();
+    let started = std::time::Instant::now();
+    for row in &rows {
+        let bar = ProgressBar::new(a.n as u64).with_style(
+            ProgressStyle::with_template("{msg:<22} [{bar:30}] {pos}/{len} images, eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(row.id.clone());
+        let r = ev
+            .run_row(row, &|k| bar.set_position(k as u64))
+            .map_err(err)?;
+        bar.finish_and_clear();
+        eprintln!(
+            "{:<22} calls {:>5}  FID {:>8.2}  {:.4} s/image",
+            r.id, r.unet_calls, r.fid, r.seconds_per_image
+        );
+        results.push(r);
+    }
+    println!(
+        "N = {} generated images per row, seed {}, FID against the {} test images\n",
+        a.n,
+        a.seed,
+        test.len() / 1024
+    );
+    print!("{}", eval::markdown_table(&results));
+    eprintln!("total {:.1} min", started.elapsed().as_secs_f64() / 60.0);
+    if let Some(path) = &a.json {
+        let doc =
+            serde_json::json!({"n": a.n, "seed": a.seed, "rows": eval::json_results(&results)});
+        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json"))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn real_main() -> Result<(), String> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Eval(a) => eval_cmd(&a)?,
         Command::Info { model } => {
             let p = load(&model, None).map_err(|e| e.to_string())?;
             print!("{}", p.describe());

@@ -135,7 +135,11 @@ impl OnnxModel {
             .iter()
             .map(|o| {
                 let fact = proto.outlet_fact(*o).expect("output outlet has a fact");
-                describe(fact, proto.node(o.node).name.clone())
+                // The ONNX output name is the outlet's label; the node is its producer.
+                let name = proto
+                    .outlet_label(*o)
+                    .map_or_else(|| proto.node(o.node).name.clone(), str::to_string);
+                describe(fact, name)
             })
             .collect();
         Ok(Self {
@@ -184,9 +188,18 @@ impl OnnxModel {
 
 /// The concrete output shape of a plan's first output.
 pub(crate) fn output_shape(role: ModelRole, plan: &TypedSimplePlan) -> Result<Vec<usize>> {
+    output_shape_at(role, plan, 0)
+}
+
+/// The concrete output shape of a plan's output number `index` (f32 required).
+pub(crate) fn output_shape_at(
+    role: ModelRole,
+    plan: &TypedSimplePlan,
+    index: usize,
+) -> Result<Vec<usize>> {
     let fact = plan
         .model()
-        .output_fact(0)
+        .output_fact(index)
         .map_err(|e| error_for(role, "outputs", e.to_string()))?;
     let dtype = fact.datum_type;
     if dtype != DatumType::F32 {
@@ -214,12 +227,27 @@ pub(crate) fn run_into(
     inputs: TVec<TValue>,
     out: &mut [f32],
 ) -> Result<()> {
+    run_output_into(role, state, executor, inputs, 0, out)
+}
+
+/// [`run_into`] for output number `index`.
+pub(crate) fn run_output_into(
+    role: ModelRole,
+    state: &mut TypedSimpleState,
+    executor: &tract_linalg::multithread::Executor,
+    inputs: TVec<TValue>,
+    index: usize,
+    out: &mut [f32],
+) -> Result<()> {
     let outputs = guarded(role, "run", || {
         tract_linalg::multithread::multithread_tract_scope(executor.clone(), || state.run(inputs))
     })?;
-    let first = outputs.first().ok_or_else(|| Error::Inference {
+    let first = outputs.get(index).ok_or_else(|| Error::Inference {
         role,
-        message: "the model returned no output".into(),
+        message: format!(
+            "the model returned {} outputs, no output {index}",
+            outputs.len()
+        ),
     })?;
     let view = first.try_as_plain_ram().map_err(|e| Error::Inference {
         role,
