@@ -216,3 +216,37 @@ fn img2img_inpaint_interpolate_and_info() {
     ]);
     assert!(!ok && stderr.contains("the model needs 16x16"), "{stderr}");
 }
+
+#[test]
+fn eval_lists_its_rows_and_rejects_bad_ones() {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fashion");
+    let shipped = shipped.to_str().unwrap();
+    let (ok, out, err) = esddpm(&["eval", "--model", shipped, "--list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 23, "{out}");
+    assert!(
+        out.contains("ddpm-1000") && out.contains("1000 U-Net calls"),
+        "{out}"
+    );
+    assert!(
+        out.contains("es-vae-ddim10-300") && out.contains("10 U-Net calls"),
+        "{out}"
+    );
+    let (ok, _, err) = esddpm(&["eval", "--model", shipped, "--rows", "nope", "--list"]);
+    assert!(!ok && err.contains("no row \"nope\""), "{err}");
+    // A data folder without Fashion-MNIST is an error naming the file.
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, err) = esddpm(&[
+        "eval",
+        "--model",
+        shipped,
+        "--data",
+        empty.path().to_str().unwrap(),
+        "--n",
+        "4",
+        "--rows",
+        "gan",
+        "--no-cache",
+    ]);
+    assert!(!ok && err.contains("t10k-images-idx3-ubyte"), "{err}");
+}

@@ -235,10 +235,11 @@ pub(crate) unsafe fn write_out<T: Copy>(
     Ok(())
 }
 
-/// Reads a C string argument.
+/// Reads a C string argument (used by the runtime API).
 ///
 /// # Safety
 /// `p` must be NULL or a NUL-terminated string.
+#[cfg(feature = "runtime")]
 pub(crate) unsafe fn c_str<'a>(p: *const c_char, name: &str) -> Result<&'a str, Failure> {
     non_null(p, name)?;
     std::ffi::CStr::from_ptr(p)
