@@ -3,8 +3,8 @@
 
 use crate::sampler::EsdStart;
 use crate::status::{
-    c_str, guard, guard_void, non_null, read_params, slice, write_out, CallResult, EsdStatus,
-    Failure,
+    c_str, guard, guard_void, init_params, non_null, read_params, slice, write_out, CallResult,
+    EsdStatus, Failure,
 };
 use esddpm_runtime::{
     slerp, GenerateOptions, Images, LoadOptions, MemoryFolder, Pipeline, Progress, SamplerChoice,
@@ -290,11 +290,7 @@ fn new_handle(pipeline: Pipeline) -> *mut EsdPipeline {
 /// `params` must point to a writable `EsdLoadParams`.
 #[no_mangle]
 pub unsafe extern "C" fn esd_load_params_init(params: *mut EsdLoadParams) -> EsdStatus {
-    guard(|| {
-        non_null(params, "params")?;
-        params.write(EsdLoadParams::default());
-        Ok(())
-    })
+    init_params(params)
 }
 
 /// Fills `params` with the defaults: seed 0, one image, ES-DDPM from the default prior
@@ -304,11 +300,7 @@ pub unsafe extern "C" fn esd_load_params_init(params: *mut EsdLoadParams) -> Esd
 /// `params` must point to a writable `EsdGenerateParams`.
 #[no_mangle]
 pub unsafe extern "C" fn esd_generate_params_init(params: *mut EsdGenerateParams) -> EsdStatus {
-    guard(|| {
-        non_null(params, "params")?;
-        params.write(EsdGenerateParams::default());
-        Ok(())
-    })
+    init_params(params)
 }
 
 /// Loads a model folder (`esddpm.json` + `scheduler_config.json` + ONNX files, or the

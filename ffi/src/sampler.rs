@@ -15,7 +15,8 @@
 //! ```
 
 use crate::status::{
-    guard, guard_void, non_null, read_params, slice, write_out, CallResult, EsdStatus, Failure,
+    guard, guard_void, init_params, non_null, read_params, slice, write_out, CallResult, EsdStatus,
+    Failure,
 };
 use esddpm_core::{
     BetaSchedule, ImageShape, Init, NoiseSchedule, PredictionType, Sampler, SamplerConfig,
@@ -464,11 +465,7 @@ impl EsdSampler {
 /// `params` must be NULL or point to a writable `EsdSchedulerParams`.
 #[no_mangle]
 pub unsafe extern "C" fn esd_scheduler_params_init(params: *mut EsdSchedulerParams) -> EsdStatus {
-    guard(|| {
-        non_null(params, "params")?;
-        params.write(EsdSchedulerParams::default());
-        Ok(())
-    })
+    init_params(params)
 }
 
 /// Fills `params` with the defaults: DDPM, early stop at T' = 100 (100 steps), seed 0,
@@ -478,11 +475,7 @@ pub unsafe extern "C" fn esd_scheduler_params_init(params: *mut EsdSchedulerPara
 /// `params` must be NULL or point to a writable `EsdSamplerParams`.
 #[no_mangle]
 pub unsafe extern "C" fn esd_sampler_params_init(params: *mut EsdSamplerParams) -> EsdStatus {
-    guard(|| {
-        non_null(params, "params")?;
-        params.write(EsdSamplerParams::default());
-        Ok(())
-    })
+    init_params(params)
 }
 
 /// Creates a sampler run. `*out` is set only on success; free it with

@@ -189,6 +189,18 @@ pub extern "C" fn esd_last_error_message() -> *const c_char {
     LAST_ERROR.with(|l| l.borrow().as_ptr())
 }
 
+/// The body of every `_init` function: writes the defaults of a parameter struct.
+///
+/// # Safety
+/// `p` must be NULL or point to a writable `T`.
+pub(crate) unsafe fn init_params<T: Default>(p: *mut T) -> EsdStatus {
+    guard(|| {
+        non_null(p, "params")?;
+        p.write(T::default());
+        Ok(())
+    })
+}
+
 /// Checks that a pointer argument is not NULL.
 pub(crate) fn non_null<T>(p: *const T, name: &str) -> Result<(), Failure> {
     if p.is_null() {
