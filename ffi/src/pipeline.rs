@@ -1,7 +1,7 @@
 //! The pipeline API: load a model folder (from disk or from memory), generate a batch
 //! into a caller buffer, progress callbacks, cancellation, latents and interpolation.
 
-use crate::sampler::EsdStart;
+use crate::sampler::{sampler_of, start_of, EsdSamplerKind, EsdStart};
 use crate::status::{
     c_str, guard, guard_void, init_params, non_null, read_params, slice, write_out, CallResult,
     EsdStatus, Failure,
@@ -194,23 +194,17 @@ pub(crate) unsafe fn options(p: &EsdGenerateParams) -> Result<GenerateOptions, F
             )))
         }
     };
-    let start = match p.start {
-        s if s == EsdStart::EarlyStop as u32 => Start::EarlyStop {
+    let start = match start_of(p.start)? {
+        EsdStart::EarlyStop => Start::EarlyStop {
             t_prime: (p.t_prime != 0).then_some(p.t_prime as usize),
         },
-        s if s == EsdStart::Strength as u32 => Start::Strength(p.strength),
-        s if s == EsdStart::Noise as u32 => Start::Noise,
-        s => return Err(Failure::invalid(format!("start = {s} is not one of 0..3"))),
+        EsdStart::Strength => Start::Strength(p.strength),
+        EsdStart::Noise => Start::Noise,
     };
-    let sampler = match p.sampler {
-        0 => SamplerChoice::Ddpm,
-        1 => SamplerChoice::Ddim { eta: p.eta },
-        2 => SamplerChoice::DpmSolver,
-        s => {
-            return Err(Failure::invalid(format!(
-                "sampler = {s} is not one of 0..3"
-            )))
-        }
+    let sampler = match sampler_of(p.sampler)? {
+        EsdSamplerKind::Ddpm => SamplerChoice::Ddpm,
+        EsdSamplerKind::Ddim => SamplerChoice::Ddim { eta: p.eta },
+        EsdSamplerKind::DpmSolver => SamplerChoice::DpmSolver,
     };
     let clip_sample = match p.clip_sample {
         -1 => None,
@@ -477,13 +471,13 @@ pub unsafe extern "C" fn esd_pipeline_cancel(pipeline: *const EsdPipeline) -> Es
     })
 }
 
-/// Runs one generation with the pipeline's hook and cancellation.
+/// Runs one generation with the pipeline's hook and cancellation: the images and the
+/// seed used.
 unsafe fn run(
     handle: &EsdPipeline,
     params: *const EsdGenerateParams,
     out_len: usize,
-    seed_used: *mut u64,
-) -> Result<Images, Failure> {
+) -> Result<(Images, u64), Failure> {
     let o = options(&generate_params(params)?)?;
     let [c, h, w] = handle.pipeline.image_shape();
     let need = o.batch * c * h * w;
@@ -521,10 +515,7 @@ unsafe fn run(
         },
         Some(&cancelled),
     )?;
-    if !seed_used.is_null() {
-        seed_used.write(o.seed);
-    }
-    Ok(images)
+    Ok((images, o.seed))
 }
 
 /// Generates `params->batch` images into `out` as 8-bit pixels: image after image,
@@ -545,8 +536,7 @@ pub unsafe extern "C" fn esd_pipeline_generate_u8(
     guard(|| {
         non_null(pipeline, "pipeline")?;
         non_null(out, "out")?;
-        let mut seed = 0u64;
-        let images = run(&*pipeline, params, out_len, &mut seed)?;
+        let (images, seed) = run(&*pipeline, params, out_len)?;
         let bytes: Vec<u8> = (0..images.len()).flat_map(|i| images.to_u8(i)).collect();
         write_out(&bytes, out, out_len, "out")?;
         write_seed(seed_used, seed)
@@ -569,8 +559,7 @@ pub unsafe extern "C" fn esd_pipeline_generate_f32(
     guard(|| {
         non_null(pipeline, "pipeline")?;
         non_null(out, "out")?;
-        let mut seed = 0u64;
-        let images = run(&*pipeline, params, out_len, &mut seed)?;
+        let (images, seed) = run(&*pipeline, params, out_len)?;
         write_out(&images.data, out, out_len, "out")?;
         write_seed(seed_used, seed)
     })

@@ -285,20 +285,28 @@ fn flag(value: u32, name: &str) -> Result<bool, Failure> {
     }
 }
 
-/// The sampler kind of `sampler`, with the variance type for DDPM.
-pub(crate) fn sampler_kind(
-    sampler: u32,
-    eta: f64,
-    variance_type: VarianceType,
-) -> Result<SamplerKind, Failure> {
-    Ok(match pick(sampler, &[0u32, 1, 2], "sampler")? {
-        0 => SamplerKind::Ddpm { variance_type },
-        1 => SamplerKind::Ddim {
+/// The `EsdSamplerKind` of a `uint32_t` field (an error for an unknown value).
+pub(crate) fn sampler_of(value: u32) -> Result<EsdSamplerKind, Failure> {
+    use EsdSamplerKind::*;
+    pick(value, &[Ddpm, Ddim, DpmSolver], "sampler")
+}
+
+/// The `EsdStart` of a `uint32_t` field (an error for an unknown value).
+pub(crate) fn start_of(value: u32) -> Result<EsdStart, Failure> {
+    use EsdStart::*;
+    pick(value, &[EarlyStop, Strength, Noise], "start")
+}
+
+/// The core sampler kind, with the variance type for DDPM.
+fn sampler_kind(sampler: EsdSamplerKind, eta: f64, variance_type: VarianceType) -> SamplerKind {
+    match sampler {
+        EsdSamplerKind::Ddpm => SamplerKind::Ddpm { variance_type },
+        EsdSamplerKind::Ddim => SamplerKind::Ddim {
             eta,
             use_clipped_model_output: false,
         },
-        _ => SamplerKind::DpmSolverPlusPlus2M,
-    })
+        EsdSamplerKind::DpmSolver => SamplerKind::DpmSolverPlusPlus2M,
+    }
 }
 
 impl EsdSampler {
@@ -353,13 +361,9 @@ impl EsdSampler {
             rescale_betas_zero_snr: flag(sp.rescale_betas_zero_snr, "rescale_betas_zero_snr")?,
         }
         .alphas_cumprod_vec()?;
-        let kind = sampler_kind(p.sampler, p.eta, variance_type)?;
+        let kind = sampler_kind(sampler_of(p.sampler)?, p.eta, variance_type);
         let ddpm = matches!(kind, SamplerKind::Ddpm { .. });
-        let start_kind = pick(
-            p.start,
-            &[EsdStart::EarlyStop, EsdStart::Strength, EsdStart::Noise],
-            "start",
-        )?;
+        let start_kind = start_of(p.start)?;
         let steps = p.steps as usize;
         let (chain, start) = match start_kind {
             EsdStart::EarlyStop => {
