@@ -37,6 +37,7 @@ fn main() {
         &folder,
         &LoadOptions {
             threads: Some(threads),
+            ..Default::default()
         },
     )
     .expect("load");

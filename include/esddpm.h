@@ -70,6 +70,13 @@ enum EsdStatus
   // Rust panicked inside the library; the panic was caught at the boundary. The
   // objects passed to the call should be freed.
   ESD_STATUS_PANIC = 14,
+  // Loading the model or running the generation would need more memory than the
+  // limit (`EsdLoadParams.memory_limit`, `EsdSamplerParams.memory_limit`) allows;
+  // nothing was allocated for it.
+  ESD_STATUS_MEMORY_LIMIT = 15,
+  // The prior's output is outside the range its config declares (`output_range` in
+  // esddpm.json): the model file and the config do not belong together.
+  ESD_STATUS_PRIOR_RANGE = 16,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -230,6 +237,11 @@ typedef struct {
   uint32_t struct_size;
   // Threads of the model runs; 0 = the physical cores.
   uint32_t threads;
+  // The most memory, in bytes, that loading a model or one generation may need
+  // (model files, declared weights, inputs, planned activations, the run's buffers:
+  // estimated and checked before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`).
+  // 0 = the default, 4 GiB; `UINT64_MAX` = no limit.
+  uint64_t memory_limit;
 } EsdLoadParams;
 
 // Everything that defines one generation. Fill with `esd_generate_params_init`, then
@@ -375,6 +387,10 @@ typedef struct {
   uint32_t height;
   // Width.
   uint32_t width;
+  // The most memory, in bytes, the sampler's buffers and tables may take (checked
+  // before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`). 0 = the default,
+  // 4 GiB; `UINT64_MAX` = no limit.
+  uint64_t memory_limit;
 } EsdSamplerParams;
 
 // The next model call of a sampler run.

@@ -28,7 +28,11 @@ impl Classifier {
         entry: &ClassifierEntry,
         image_shape: [usize; 3],
     ) -> Result<Self> {
-        let model = OnnxModel::from_path(ROLE, &folder.join(&entry.file))?;
+        let model = OnnxModel::from_path(
+            ROLE,
+            &folder.join(&entry.file),
+            crate::memory::DEFAULT_MEMORY_LIMIT,
+        )?;
         Self::new(model, &entry.features_output, image_shape)
     }
 

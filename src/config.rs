@@ -381,6 +381,15 @@ pub enum OutputRange {
 }
 
 impl OutputRange {
+    /// The declared `(low, high)`.
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            OutputRange::MinusOneOne => (-1.0, 1.0),
+            OutputRange::ZeroOne => (0.0, 1.0),
+            OutputRange::ZeroTo255 => (0.0, 255.0),
+        }
+    }
+
     /// Maps one value of this range to [-1, 1].
     pub fn to_unit(self, v: f32) -> f32 {
         match self {

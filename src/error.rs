@@ -90,6 +90,31 @@ pub enum Error {
         /// The reverse step, for the U-Net.
         step: Option<usize>,
     },
+    /// A prior's output is outside the range its config declares (`output_range`), by
+    /// more than 5% of the range: the file and the config do not belong together (a
+    /// [0, 255] decoder declared as [-1, 1], say).
+    #[error("the prior's output spans [{min}, {max}], outside its declared output_range [{lo}, {hi}]; fix output_range in esddpm.json")]
+    PriorOutputRange {
+        /// The smallest value the prior produced.
+        min: f32,
+        /// The largest value the prior produced.
+        max: f32,
+        /// The declared lower bound.
+        lo: f32,
+        /// The declared upper bound.
+        hi: f32,
+    },
+    /// Loading a model or running a generation would need more memory than
+    /// [`crate::LoadOptions::memory_limit`] allows; nothing was allocated for it.
+    #[error("{what} needs about {needed} bytes, over the memory limit of {limit} bytes (LoadOptions::memory_limit)")]
+    MemoryLimit {
+        /// What would have been allocated.
+        what: String,
+        /// The estimate, in bytes.
+        needed: u64,
+        /// The limit, in bytes.
+        limit: u64,
+    },
     /// A dataset file (Fashion-MNIST IDX) is malformed.
     #[error("dataset file {path}: {message}")]
     Dataset {

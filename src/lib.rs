@@ -36,6 +36,7 @@ pub mod error;
 pub mod eval;
 pub mod fid;
 pub mod images;
+pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod prior;

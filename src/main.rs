@@ -189,7 +189,13 @@ fn load(model: &Option<PathBuf>, threads: Option<usize>) -> esddpm::Result<Pipel
             PathBuf::from(TEST_MODELS)
         }
     };
-    let p = Pipeline::from_folder(&folder, &LoadOptions { threads })?;
+    let p = Pipeline::from_folder(
+        &folder,
+        &LoadOptions {
+            threads,
+            ..Default::default()
+        },
+    )?;
     for w in p.warnings() {
         eprintln!("warning: {w}");
     }

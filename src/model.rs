@@ -2,6 +2,7 @@
 //! and one optimised plan per batch size, made once and reused.
 
 use crate::error::{Error, ModelRole, Result};
+use crate::memory::{self, PlanMemory};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -80,7 +81,8 @@ pub struct OnnxModel {
     proto: InferenceModel,
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
-    plans: Mutex<HashMap<usize, Arc<TypedSimplePlan>>>,
+    memory_limit: u64,
+    plans: Mutex<HashMap<usize, (Arc<TypedSimplePlan>, PlanMemory)>>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -105,21 +107,35 @@ fn describe(fact: &InferenceFact, name: String) -> IoDesc {
 }
 
 impl OnnxModel {
-    /// Reads and parses an ONNX file.
-    pub fn from_path(role: ModelRole, path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+    /// Reads and parses an ONNX file; `memory_limit` (bytes) bounds the file, its
+    /// declared weights and every plan made from it (see [`crate::memory`]).
+    pub fn from_path(role: ModelRole, path: &Path, memory_limit: u64) -> Result<Self> {
+        let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
+        };
+        let size = std::fs::metadata(path).map_err(io)?.len();
+        memory::check(memory_limit, u128::from(size), || {
+            format!("reading the {role} model file {}", path.display())
         })?;
-        Self::from_bytes(role, &bytes)
+        let bytes = std::fs::read(path).map_err(io)?;
+        Self::from_bytes(role, &bytes, memory_limit)
     }
 
-    /// Parses an ONNX model from memory (a game's asset pack, say).
-    pub fn from_bytes(role: ModelRole, bytes: &[u8]) -> Result<Self> {
-        let proto = guarded(role, "parse", || {
+    /// Parses an ONNX model from memory (a game's asset pack, say), under
+    /// `memory_limit` bytes.
+    pub fn from_bytes(role: ModelRole, bytes: &[u8], memory_limit: u64) -> Result<Self> {
+        let onnx = tract_onnx::onnx();
+        let pb = guarded(role, "parse", || {
             let mut reader = bytes;
-            tract_onnx::onnx().model_for_read(&mut reader)
+            onnx.proto_model_for_read(&mut reader)
         })?;
+        // The weights as declared, before tract builds a tensor of any of them.
+        memory::check(memory_limit, memory::declared_weight_bytes(&pb), || {
+            format!("the {role} model's declared weights")
+        })?;
+        let proto = guarded(role, "parse", || onnx.model_for_proto_model(&pb))?;
+        drop(pb);
         let inputs = proto
             .input_outlets()
             .map_err(|e| error_for(role, "inputs", e.to_string()))?
@@ -147,8 +163,24 @@ impl OnnxModel {
             proto,
             inputs,
             outputs,
+            memory_limit,
             plans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The memory limit this model was loaded with, in bytes.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit
+    }
+
+    /// What the plan for `batch` needs (made and cached on first use, like
+    /// [`Self::plan`]).
+    pub fn plan_memory(
+        &self,
+        batch: usize,
+        facts: impl FnOnce(usize) -> Vec<InferenceFact>,
+    ) -> Result<PlanMemory> {
+        self.plan_with_memory(batch, facts).map(|(_, m)| m)
     }
 
     /// The declared inputs.
@@ -163,16 +195,42 @@ impl OnnxModel {
 
     /// The optimised plan for `batch`, made with `facts(batch)` as the input facts on
     /// first use and cached.
+    ///
+    /// Fails with [`Error::MemoryLimit`] before optimising when the inputs alone are
+    /// over the limit, and before the first run when the plan's estimate
+    /// ([`memory::PlanMemory`]) is.
     pub fn plan(
         &self,
         batch: usize,
         facts: impl FnOnce(usize) -> Vec<InferenceFact>,
     ) -> Result<Arc<TypedSimplePlan>> {
+        self.plan_with_memory(batch, facts).map(|(p, _)| p)
+    }
+
+    fn plan_with_memory(
+        &self,
+        batch: usize,
+        facts: impl FnOnce(usize) -> Vec<InferenceFact>,
+    ) -> Result<(Arc<TypedSimplePlan>, PlanMemory)> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
         let facts = facts(batch);
+        let role = self.role;
+        let input_bytes = facts
+            .iter()
+            .map(|f| {
+                let elem = f.datum_type.concretize().map_or(8, |d| d.size_of());
+                match f.shape.as_concrete_finite() {
+                    Ok(Some(shape)) => memory::bytes(shape, elem),
+                    _ => 0,
+                }
+            })
+            .fold(0u128, u128::saturating_add);
+        memory::check(self.memory_limit, input_bytes, || {
+            format!("the {role} model's inputs at batch {batch}")
+        })?;
         let proto = self.proto.clone();
         let plan = guarded(self.role, "optimise", move || {
             let mut m = proto;
@@ -181,8 +239,12 @@ impl OnnxModel {
             }
             m.into_optimized()?.into_runnable()
         })?;
-        plans.insert(batch, plan.clone());
-        Ok(plan)
+        let needed = memory::plan_memory(&plan);
+        memory::check(self.memory_limit, u128::from(needed.total()), || {
+            format!("running the {role} model at batch {batch}")
+        })?;
+        plans.insert(batch, (plan.clone(), needed));
+        Ok((plan, needed))
     }
 }
 

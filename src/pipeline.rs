@@ -15,10 +15,27 @@ use std::sync::atomic::AtomicBool;
 use tract_linalg::multithread::Executor;
 
 /// How a pipeline is loaded.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Threads for tract's matrix products; `None` = the number of physical cores.
     pub threads: Option<usize>,
+    /// The most memory, in bytes, that loading a model or running one generation may
+    /// need: model files, declared weights, inputs and planned activations are
+    /// estimated and checked before they are allocated, and a request over the limit
+    /// fails with [`Error::MemoryLimit`] (a hostile model declaring a huge input, or a
+    /// huge batch, cannot exhaust memory). Default [`crate::memory::DEFAULT_MEMORY_LIMIT`]
+    /// (4 GiB); [`crate::memory::UNLIMITED`] turns the checks off. See
+    /// [`crate::memory`] for what is counted.
+    pub memory_limit: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            memory_limit: crate::memory::DEFAULT_MEMORY_LIMIT,
+        }
+    }
 }
 
 /// A model folder's files, given in memory (for instance from a game's asset pack).
@@ -145,6 +162,7 @@ pub struct Pipeline {
     pub(crate) default_prior: Option<String>,
     pub(crate) recommended_start: usize,
     pub(crate) executor: Executor,
+    pub(crate) memory_limit: u64,
     threads: usize,
     warnings: Vec<String>,
     source: String,
@@ -205,11 +223,15 @@ impl Pipeline {
             Some(c) => folder.join(&c.unet.file),
             None => folder.join("unet").join("model.onnx"),
         };
-        let unet_model = OnnxModel::from_path(ModelRole::Unet, &unet_path)?;
+        let unet_model = OnnxModel::from_path(ModelRole::Unet, &unet_path, options.memory_limit)?;
         let mut priors = Vec::new();
         if let Some(c) = &esddpm {
             for (name, entry) in &c.priors {
-                let m = OnnxModel::from_path(ModelRole::Prior, &folder.join(&entry.file))?;
+                let m = OnnxModel::from_path(
+                    ModelRole::Prior,
+                    &folder.join(&entry.file),
+                    options.memory_limit,
+                )?;
                 priors.push((name.clone(), entry.clone(), m));
             }
         }
@@ -237,10 +259,15 @@ impl Pipeline {
                     message: format!("no file named {name:?} was given"),
                 })
         };
-        let unet_model = OnnxModel::from_bytes(ModelRole::Unet, get(&esddpm.unet.file)?)?;
+        let unet_model = OnnxModel::from_bytes(
+            ModelRole::Unet,
+            get(&esddpm.unet.file)?,
+            options.memory_limit,
+        )?;
         let mut priors = Vec::new();
         for (name, entry) in &esddpm.priors {
-            let m = OnnxModel::from_bytes(ModelRole::Prior, get(&entry.file)?)?;
+            let m =
+                OnnxModel::from_bytes(ModelRole::Prior, get(&entry.file)?, options.memory_limit)?;
             priors.push((name.clone(), entry.clone(), m));
         }
         Self::assemble(
@@ -323,10 +350,38 @@ impl Pipeline {
             default_prior,
             recommended_start,
             executor,
+            memory_limit: options.memory_limit,
             threads,
             warnings,
             source,
         })
+    }
+
+    /// The memory limit it was loaded with, in bytes ([`LoadOptions::memory_limit`]).
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit
+    }
+
+    /// What one generation of `batch` images with `prior` (or none, for a start from
+    /// noise or an init image) is estimated to need, in bytes: the session's buffers
+    /// (`(9 N C H W + N D) * 4`) plus the U-Net's and the prior's batch-1 plans. It is
+    /// checked against the limit before anything is allocated.
+    pub fn generation_memory(&self, batch: usize, prior: Option<&Prior>) -> Result<u64> {
+        let [c, h, w] = self.image_shape();
+        let latent = prior.map_or(0, Prior::latent_len);
+        let buffers = crate::memory::bytes([batch, c, h, w], 4 * 9)
+            .saturating_add(crate::memory::bytes([batch, latent], 4));
+        crate::memory::check(self.memory_limit, buffers, || {
+            format!("a generation of {batch} images")
+        })?;
+        let mut needed = buffers.saturating_add(u128::from(self.unet.memory(1)?.total()));
+        if let Some(p) = prior {
+            needed = needed.saturating_add(u128::from(p.memory(1)?.total()));
+        }
+        crate::memory::check(self.memory_limit, needed, || {
+            format!("a generation of {batch} images")
+        })?;
+        Ok(u64::try_from(needed).unwrap_or(u64::MAX))
     }
 
     /// The scheduler config.

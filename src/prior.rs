@@ -4,11 +4,17 @@
 
 use crate::config::{OutputRange, PriorEntry};
 use crate::error::{Error, ModelRole, Result};
+use crate::memory::PlanMemory;
 use crate::model::{new_state, output_shape, run_into, OnnxModel};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
 const ROLE: ModelRole = ModelRole::Prior;
+
+/// How far (as a fraction of the declared range's width) a prior's output may leave its
+/// declared `output_range` before it is an error: 5%, room for a decoder without a
+/// final squashing activation, far less than a [0, 255] output declared as [-1, 1].
+pub const RANGE_TOLERANCE: f32 = 0.05;
 
 fn sig_err(message: String) -> Error {
     Error::ModelSignature {
@@ -127,19 +133,40 @@ impl Prior {
     }
 
     fn plan(&self, batch: usize) -> Result<Arc<TypedSimplePlan>> {
-        let n_inputs = self.model.inputs().len();
-        let mut zshape: TVec<usize> = tvec![batch];
+        self.model.plan(batch, |b| self.facts(b))
+    }
+
+    /// What running the plan for `batch` needs (weights, inputs, peak activations).
+    pub fn memory(&self, batch: usize) -> Result<PlanMemory> {
+        self.model.plan_memory(batch, |b| self.facts(b))
+    }
+
+    fn facts(&self, b: usize) -> Vec<InferenceFact> {
+        let mut facts = vec![InferenceFact::default(); self.model.inputs().len()];
+        let mut zshape: TVec<usize> = tvec![b];
         zshape.extend(self.latent_shape.iter().copied());
-        let (li, bi) = (self.latent_input, self.label_input);
-        self.model.plan(batch, move |b| {
-            let mut facts = vec![InferenceFact::default(); n_inputs];
-            zshape[0] = b;
-            facts[li] = f32::fact(zshape.as_slice()).into();
-            if let Some(bi) = bi {
-                facts[bi] = i64::fact([b]).into();
-            }
-            facts
-        })
+        facts[self.latent_input] = f32::fact(zshape.as_slice()).into();
+        if let Some(bi) = self.label_input {
+            facts[bi] = i64::fact([b]).into();
+        }
+        facts
+    }
+
+    /// Fails with [`Error::PriorOutputRange`] when `out` leaves the declared range by
+    /// more than [`RANGE_TOLERANCE`] of its width: a prior whose output range is
+    /// declared wrongly would otherwise give the U-Net images far outside [-1, 1].
+    fn check_range(&self, out: &[f32]) -> Result<()> {
+        let (lo, hi) = self.output_range.bounds();
+        let slack = (hi - lo) * RANGE_TOLERANCE;
+        let (min, max) = out
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        if min < lo - slack || max > hi + slack {
+            return Err(Error::PriorOutputRange { min, max, lo, hi });
+        }
+        Ok(())
     }
 
     /// Runs the prior on `batch` latents (and labels) and writes the images, mapped to
@@ -215,6 +242,7 @@ impl Prior {
                 step: None,
             });
         }
+        self.check_range(out)?;
         for v in out.iter_mut() {
             *v = self.output_range.to_unit(*v);
         }

@@ -102,6 +102,12 @@ impl<'p> Session<'p> {
             }
         };
         let [c, h, w] = pipeline.image_shape();
+        // Checked against the memory limit before any buffer of the run is allocated.
+        let prior = match (&o.start, &o.init_image) {
+            (Start::Noise, _) | (_, Some(_)) => None,
+            _ => Some(pipeline.prior_for(o)?),
+        };
+        pipeline.generation_memory(o.batch, prior)?;
         let shape = ImageShape::new(o.batch, c, h, w)?;
         let mut x0_opts = sched.x0_options();
         if let Some(clip) = o.clip_sample {

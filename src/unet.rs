@@ -2,6 +2,7 @@
 //! scalar) in, C channels (epsilon, x0 or v) or 2C (learned variance) out.
 
 use crate::error::{Error, ModelRole, Result};
+use crate::memory::PlanMemory;
 use crate::model::{new_state, output_shape, run_into, IoDesc, OnnxModel};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -130,20 +131,24 @@ impl Unet {
 
     /// The optimised plan for `batch` (cached).
     pub fn plan(&self, batch: usize) -> Result<Arc<TypedSimplePlan>> {
+        self.model.plan(batch, |b| self.facts(b))
+    }
+
+    /// What running the plan for `batch` needs (weights, inputs, peak activations).
+    pub fn memory(&self, batch: usize) -> Result<PlanMemory> {
+        self.model.plan_memory(batch, |b| self.facts(b))
+    }
+
+    fn facts(&self, b: usize) -> Vec<InferenceFact> {
         let [c, h, w] = self.sample_shape;
-        let (si, ti) = (self.sample_input, self.timestep_input);
-        let tdt = self.timestep_dtype;
-        let scalar = self.timestep_scalar;
-        self.model.plan(batch, |b| {
-            let mut facts = vec![InferenceFact::default(), InferenceFact::default()];
-            facts[si] = f32::fact([b, c, h, w]).into();
-            facts[ti] = if scalar {
-                InferenceFact::dt_shape(tdt, TVec::<usize>::new())
-            } else {
-                InferenceFact::dt_shape(tdt, tvec![b])
-            };
-            facts
-        })
+        let mut facts = vec![InferenceFact::default(), InferenceFact::default()];
+        facts[self.sample_input] = f32::fact([b, c, h, w]).into();
+        facts[self.timestep_input] = if self.timestep_scalar {
+            InferenceFact::dt_shape(self.timestep_dtype, TVec::<usize>::new())
+        } else {
+            InferenceFact::dt_shape(self.timestep_dtype, tvec![b])
+        };
+        facts
     }
 
     /// A reusable run state for `batch` (tract keeps its buffers in it between calls).

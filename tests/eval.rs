@@ -104,7 +104,14 @@ fn fashion_mnist_reads_plain_and_gzip_and_pads_to_32() {
 
 #[test]
 fn classifier_features_match_onnxruntime() {
-    let p = Pipeline::from_folder(folder(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let c = classifier(&p);
     assert_eq!(c.dim(), 128);
     let r: serde_json::Value =
@@ -122,6 +129,7 @@ fn classifier_features_match_onnxruntime() {
     let model = esddpm::model::OnnxModel::from_path(
         ModelRole::Classifier,
         &folder().join("classifier.onnx"),
+        esddpm::memory::DEFAULT_MEMORY_LIMIT,
     )
     .unwrap();
     let e = Classifier::new(model, "penultimate", p.image_shape()).unwrap_err();
@@ -135,7 +143,14 @@ fn classifier_features_match_onnxruntime() {
 
 #[test]
 fn evaluator_is_deterministic_and_resumes_from_its_cache() {
-    let p = Pipeline::from_folder(folder(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let c = classifier(&p);
     let rows = standard_rows(&p);
     assert_eq!(rows.len(), 1 + 2 + 4 + 2 * 8);

@@ -19,7 +19,14 @@ fn tiny() -> PathBuf {
 }
 
 fn load_tiny() -> Pipeline {
-    Pipeline::from_folder(tiny(), &LoadOptions { threads: Some(1) }).expect("tiny models load")
+    Pipeline::from_folder(
+        tiny(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .expect("tiny models load")
 }
 
 /// Copies the tiny folder into a temp dir, applying `edit` to it.
@@ -118,7 +125,14 @@ fn same_seed_same_bytes_twice_and_across_batch_sizes() {
     let other = p.generate(&opts(8, 3)).unwrap();
     assert_ne!(a.data, other.data);
     // A multithreaded pipeline gives the same images here too.
-    let p2 = Pipeline::from_folder(tiny(), &LoadOptions { threads: Some(2) }).unwrap();
+    let p2 = Pipeline::from_folder(
+        tiny(),
+        &LoadOptions {
+            threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(p2.generate(&opts(7, 3)).unwrap().data, a.data);
 }
 
@@ -239,7 +253,10 @@ fn memory_folder_equals_path_folder() {
             esddpm_config: &cfg,
             files,
         },
-        &LoadOptions { threads: Some(1) },
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(
@@ -374,7 +391,13 @@ fn diffusers_layout_loads() {
     .unwrap();
     // The tiny U-Net declares C, H and W, so no esddpm.json is needed.
     std::fs::copy(tiny().join("unet.onnx"), dir.path().join("unet/model.onnx")).unwrap();
-    match Pipeline::from_folder(dir.path(), &LoadOptions { threads: Some(1) }) {
+    match Pipeline::from_folder(
+        dir.path(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    ) {
         Ok(p) => {
             let e = p.generate(&opts(1, 1)).unwrap_err();
             assert!(
@@ -396,7 +419,14 @@ fn diffusers_layout_loads() {
 }
 
 fn load_err(dir: &Path) -> Error {
-    Pipeline::from_folder(dir, &LoadOptions { threads: Some(1) }).unwrap_err()
+    Pipeline::from_folder(
+        dir,
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
 }
 
 #[test]
@@ -494,7 +524,14 @@ fn each_bad_input_has_its_own_error() {
     }
     // A model that outputs NaN: the error names the U-Net and the step.
     let d = with_unet("unet_nan.onnx");
-    let p = Pipeline::from_folder(d.path(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        d.path(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let e = p.generate(&opts(1, 1)).unwrap_err();
     assert!(
         matches!(
@@ -610,7 +647,14 @@ fn prior_output_ranges_are_mapped() {
             v["priors"]["mlp"]["output_range"] = serde_json::from_str(range).unwrap();
             std::fs::write(&path, v.to_string()).unwrap();
         });
-        let p = Pipeline::from_folder(d.path(), &LoadOptions { threads: Some(1) }).unwrap();
+        let p = Pipeline::from_folder(
+            d.path(),
+            &LoadOptions {
+                threads: Some(1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let img = p.prior_images(&opts(1, 2)).unwrap();
         assert!(img.data.iter().all(|v| (-1.0..=1.0).contains(v)), "{file}");
         assert!(img.data.iter().any(|v| *v < -0.2) || img.data.iter().any(|v| *v > 0.2));

@@ -15,7 +15,14 @@ fn folder() -> PathBuf {
 
 #[test]
 fn tract_matches_onnxruntime_on_the_shipped_models() {
-    let p = Pipeline::from_folder(folder(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(folder().join("reference.json")).unwrap())
             .unwrap();
@@ -55,7 +62,14 @@ fn tract_matches_onnxruntime_on_the_shipped_models() {
 
 #[test]
 fn es_ddpm_runs_with_each_shipped_prior() {
-    let p = Pipeline::from_folder(folder(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(p.image_shape(), [1, 32, 32]);
     assert!(p.warnings().is_empty(), "{:?}", p.warnings());
     for prior in ["gan", "vae"] {

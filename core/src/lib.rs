@@ -73,7 +73,7 @@ pub use predict::{PredictionType, Thresholding, X0Options};
 pub use sampler::{
     Init, ModelCall, Sampler, SamplerConfig, SamplerKind, SamplerProgress, StepInfo, VarianceType,
 };
-pub use schedule::{BetaSchedule, NoiseSchedule, Posterior, ScheduleConfig};
+pub use schedule::{BetaSchedule, NoiseSchedule, Posterior, ScheduleConfig, MAX_TRAIN_TIMESTEPS};
 pub use shape::ImageShape;
 pub use spacing::{check_timesteps, Respacing, TimestepSpacing};
 pub use start::{add_noise, StartAt};

@@ -4,7 +4,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schedule::ScheduleConfig;
 use crate::spacing::{Respacing, TimestepSpacing};
 
@@ -35,6 +35,16 @@ impl TimestepSpacing {
         num_inference_steps: usize,
         steps_offset: u32,
     ) -> Result<Vec<u32>> {
+        // Validated before allocating: `num_inference_steps` may come from a caller.
+        if num_train_timesteps == 0 {
+            return Err(Error::NoTrainTimesteps);
+        }
+        if num_inference_steps == 0 || num_inference_steps > num_train_timesteps {
+            return Err(Error::InvalidStepCount {
+                steps: num_inference_steps,
+                max: num_train_timesteps,
+            });
+        }
         let mut v = vec![0; self.max_len(num_inference_steps)];
         let len = self
             .fill(
@@ -52,6 +62,14 @@ impl TimestepSpacing {
 impl Respacing<'_> {
     /// [`Respacing::fill`] into a new `Vec`.
     pub fn timesteps_vec(&self, num_train_timesteps: usize) -> Result<Vec<u32>> {
+        // A chain never visits more timesteps than the training chain has; checked
+        // before allocating, since the string may come from a caller.
+        if self.len() > num_train_timesteps {
+            return Err(Error::InvalidStepCount {
+                steps: self.len(),
+                max: num_train_timesteps,
+            });
+        }
         let mut v = vec![0; self.len()];
         self.fill(num_train_timesteps, &mut v)?;
         Ok(v)

@@ -112,12 +112,23 @@ fn cosine_alpha_bar(u: f64) -> f64 {
     c * c
 }
 
+/// The longest training chain a [`ScheduleConfig`] accepts (2^20 timesteps; diffusion
+/// models use 1000 to 4000). It bounds every table sized by `num_train_timesteps`, so a
+/// hostile config cannot ask for gigabytes.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1 << 20;
+
 impl ScheduleConfig<'_> {
     /// Checks the configuration without computing the table.
     pub fn validate(&self) -> Result<()> {
         let t = self.num_train_timesteps;
         if t == 0 {
             return Err(Error::NoTrainTimesteps);
+        }
+        if t > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::InvalidParameter {
+                name: "num_train_timesteps",
+                value: t as f64,
+            });
         }
         if let Some(betas) = self.trained_betas {
             if betas.len() != t {

@@ -203,7 +203,7 @@ impl<'s> Respacing<'s> {
             self.spec
                 .split(',')
                 .map(|p| parse_count(p).unwrap_or(0))
-                .sum()
+                .fold(0usize, usize::saturating_add)
         }
     }
 

@@ -24,6 +24,11 @@ pub struct EsdLoadParams {
     pub struct_size: u32,
     /// Threads of the model runs; 0 = the physical cores.
     pub threads: u32,
+    /// The most memory, in bytes, that loading a model or one generation may need
+    /// (model files, declared weights, inputs, planned activations, the run's buffers:
+    /// estimated and checked before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`).
+    /// 0 = the default, 4 GiB; `UINT64_MAX` = no limit.
+    pub memory_limit: u64,
 }
 
 impl Default for EsdLoadParams {
@@ -31,6 +36,7 @@ impl Default for EsdLoadParams {
         Self {
             struct_size: std::mem::size_of::<Self>() as u32,
             threads: 0,
+            memory_limit: 0,
         }
     }
 }
@@ -262,11 +268,16 @@ unsafe fn generate_params(p: *const EsdGenerateParams) -> Result<EsdGeneratePara
 }
 
 fn load_options(params: *const EsdLoadParams) -> Result<LoadOptions, Failure> {
-    let size = std::mem::size_of::<EsdLoadParams>();
+    // Callers built before memory_limit existed pass the shorter struct.
+    let size = std::mem::offset_of!(EsdLoadParams, memory_limit);
     // SAFETY: the caller passes NULL or a valid struct (header contract).
     let p = unsafe { read_params(params, EsdLoadParams::default(), size, "params")? };
     Ok(LoadOptions {
         threads: (p.threads != 0).then_some(p.threads as usize),
+        memory_limit: match p.memory_limit {
+            0 => esddpm_runtime::memory::DEFAULT_MEMORY_LIMIT,
+            n => n,
+        },
     })
 }
 

@@ -192,6 +192,10 @@ pub struct EsdSamplerParams {
     pub height: u32,
     /// Width.
     pub width: u32,
+    /// The most memory, in bytes, the sampler's buffers and tables may take (checked
+    /// before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`). 0 = the default,
+    /// 4 GiB; `UINT64_MAX` = no limit.
+    pub memory_limit: u64,
 }
 
 impl Default for EsdSamplerParams {
@@ -210,6 +214,7 @@ impl Default for EsdSamplerParams {
             channels: 1,
             height: 32,
             width: 32,
+            memory_limit: 0,
         }
     }
 }
@@ -308,6 +313,9 @@ fn sampler_kind(sampler: EsdSamplerKind, eta: f64, variance_type: VarianceType) 
         EsdSamplerKind::DpmSolver => SamplerKind::DpmSolverPlusPlus2M,
     }
 }
+
+/// The default memory limit of a sampler: 4 GiB (the runtime's default too).
+const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
 
 impl EsdSampler {
     fn new(sp: &EsdSchedulerParams, p: &EsdSamplerParams) -> Result<Self, Failure> {
@@ -417,6 +425,25 @@ impl EsdSampler {
             p.height as usize,
             p.width as usize,
         )?;
+        // The buffers this sampler will hold (sample, workspace of up to 2 samples and
+        // an image, the caller's model output of up to 2C channels) and its tables,
+        // checked before any is allocated.
+        let limit = match p.memory_limit {
+            0 => DEFAULT_MEMORY_LIMIT,
+            n => n,
+        };
+        let needed = (shape.len() as u128 * 6 + shape.image_len() as u128) * 4
+            + alphas_cumprod.len() as u128 * 8
+            + chain.len() as u128 * 4;
+        if needed > u128::from(limit) {
+            return Err(Failure::new(
+                EsdStatus::MemoryLimit,
+                format!(
+                    "a sampler for {}x{}x{}x{} needs about {needed} bytes, over the memory limit of {limit} bytes (memory_limit)",
+                    shape.batch, shape.channels, shape.height, shape.width
+                ),
+            ));
+        }
         let config = SamplerConfig {
             kind,
             x0: X0Options {
@@ -497,7 +524,8 @@ pub unsafe extern "C" fn esd_sampler_new(
         non_null(out, "out")?;
         let size = std::mem::size_of::<EsdSchedulerParams>();
         let sp = read_params(scheduler, EsdSchedulerParams::default(), size, "scheduler")?;
-        let size = std::mem::size_of::<EsdSamplerParams>();
+        // Callers built before memory_limit existed pass the shorter struct.
+        let size = std::mem::offset_of!(EsdSamplerParams, memory_limit);
         let p = read_params(params, EsdSamplerParams::default(), size, "params")?;
         let s = EsdSampler::new(&sp, &p)?;
         out.write(Box::into_raw(Box::new(s)));

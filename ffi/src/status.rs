@@ -41,6 +41,13 @@ pub enum EsdStatus {
     /// Rust panicked inside the library; the panic was caught at the boundary. The
     /// objects passed to the call should be freed.
     Panic = 14,
+    /// Loading the model or running the generation would need more memory than the
+    /// limit (`EsdLoadParams.memory_limit`, `EsdSamplerParams.memory_limit`) allows;
+    /// nothing was allocated for it.
+    MemoryLimit = 15,
+    /// The prior's output is outside the range its config declares (`output_range` in
+    /// esddpm.json): the model file and the config do not belong together.
+    PriorRange = 16,
 }
 
 impl EsdStatus {
@@ -62,6 +69,8 @@ impl EsdStatus {
             EsdStatus::InvalidState => c"call out of order",
             EsdStatus::InvalidUtf8 => c"a string is not valid UTF-8",
             EsdStatus::Panic => c"internal error (panic caught)",
+            EsdStatus::MemoryLimit => c"over the memory limit",
+            EsdStatus::PriorRange => c"the prior's output is outside its declared range",
         }
     }
 }
@@ -108,6 +117,8 @@ impl From<esddpm_runtime::Error> for Failure {
             E::Inference { .. } => EsdStatus::Inference,
             E::NonFiniteOutput { .. } => EsdStatus::NonFinite,
             E::Cancelled { .. } => EsdStatus::Cancelled,
+            E::MemoryLimit { .. } => EsdStatus::MemoryLimit,
+            E::PriorOutputRange { .. } => EsdStatus::PriorRange,
             E::Core(esddpm_core::Error::NonFiniteModelOutput { .. }) => EsdStatus::NonFinite,
             _ => EsdStatus::InvalidArgument,
         };

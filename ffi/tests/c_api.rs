@@ -96,7 +96,14 @@ fn models() -> PathBuf {
 /// The Rust API's bytes for the C test's fixed generation.
 fn rust_bytes() -> Vec<u8> {
     use esddpm_runtime::*;
-    let p = Pipeline::from_folder(models(), &LoadOptions { threads: Some(1) }).unwrap();
+    let p = Pipeline::from_folder(
+        models(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let images = p
         .generate(&GenerateOptions {
             seed: 42,

@@ -1,0 +1,65 @@
+//! Sizes that come from callers (config files, the C API) are validated before anything
+//! is allocated: found by reviewing the paths the fuzz targets drive (`fuzz/`).
+
+use esddpm_core::*;
+
+#[test]
+fn a_huge_training_chain_is_refused_before_any_table_is_allocated() {
+    let config = ScheduleConfig {
+        num_train_timesteps: usize::MAX / 8,
+        ..Default::default()
+    };
+    // Before the fix this allocated num_train_timesteps f64 values and aborted.
+    assert!(matches!(
+        config.alphas_cumprod_vec(),
+        Err(Error::InvalidParameter {
+            name: "num_train_timesteps",
+            ..
+        })
+    ));
+    let at_cap = ScheduleConfig {
+        num_train_timesteps: MAX_TRAIN_TIMESTEPS,
+        ..Default::default()
+    };
+    assert!(at_cap.validate().is_ok());
+    let over = ScheduleConfig {
+        num_train_timesteps: MAX_TRAIN_TIMESTEPS + 1,
+        ..Default::default()
+    };
+    assert!(over.validate().is_err());
+}
+
+#[test]
+fn a_huge_step_count_is_refused_before_the_chain_is_allocated() {
+    for spacing in [
+        TimestepSpacing::Leading,
+        TimestepSpacing::Trailing,
+        TimestepSpacing::Linspace,
+    ] {
+        // Before the fix this allocated `steps` u32 values first.
+        let e = spacing.timesteps_vec(1000, usize::MAX / 2, 0).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidStepCount { max: 1000, .. }),
+            "{e}"
+        );
+        assert!(matches!(
+            spacing.timesteps_vec(0, 10, 0),
+            Err(Error::NoTrainTimesteps)
+        ));
+    }
+}
+
+#[test]
+fn a_respacing_string_cannot_overflow_or_over_allocate() {
+    // The section counts used to be summed with `+` (an overflow panic in debug builds).
+    let r = Respacing::parse("18446744073709551615,18446744073709551615");
+    if let Ok(r) = r {
+        assert_eq!(r.len(), usize::MAX);
+        assert!(r.timesteps_vec(1000).is_err());
+    }
+    let r = Respacing::parse("999999999").unwrap();
+    assert!(matches!(
+        r.timesteps_vec(1000),
+        Err(Error::InvalidStepCount { max: 1000, .. })
+    ));
+}
