@@ -82,6 +82,7 @@ pub struct OnnxModel {
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
     memory_limit: u64,
+    declared_weights: u64,
     plans: Mutex<HashMap<usize, (Arc<TypedSimplePlan>, PlanMemory)>>,
 }
 
@@ -131,9 +132,11 @@ impl OnnxModel {
             onnx.proto_model_for_read(&mut reader)
         })?;
         // The weights as declared, before tract builds a tensor of any of them.
-        memory::check(memory_limit, memory::declared_weight_bytes(&pb), || {
+        let declared = memory::declared_weight_bytes(&pb);
+        memory::check(memory_limit, declared, || {
             format!("the {role} model's declared weights")
         })?;
+        let declared_weights = u64::try_from(declared).unwrap_or(u64::MAX);
         let proto = guarded(role, "parse", || onnx.model_for_proto_model(&pb))?;
         drop(pb);
         let inputs = proto
@@ -164,6 +167,7 @@ impl OnnxModel {
             inputs,
             outputs,
             memory_limit,
+            declared_weights,
             plans: Mutex::new(HashMap::new()),
         })
     }
@@ -239,7 +243,10 @@ impl OnnxModel {
             }
             m.into_optimized()?.into_runnable()
         })?;
-        let needed = memory::plan_memory(&plan);
+        let mut needed = memory::plan_memory(&plan);
+        // tract keeps most weights inside its optimised operators (packed), not as
+        // `Const` nodes: count at least what the file declares.
+        needed.weights = needed.weights.max(self.declared_weights);
         memory::check(self.memory_limit, u128::from(needed.total()), || {
             format!("running the {role} model at batch {batch}")
         })?;

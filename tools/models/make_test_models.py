@@ -49,6 +49,14 @@ pruned by the exporter.
   channels): neither C nor 2C channels for C=1.
 * ``unet_nan.onnx``  Correct signature; output is NaN everywhere
   (log(sample*0 - 1) plus a timestep term), checked in onnxruntime.
+* ``unet_inf.onnx``  Correct signature; output is +inf everywhere (exp(1000) in
+  float32).
+* ``unet_out_f64.onnx``  float32 inputs as the pipeline needs, but a float64
+  output.
+* ``unet_huge_input.onnx``  A 3x3 conv U-Net whose declared ``sample`` and output
+  are [N,1,65536,65536] (16 GiB per image in float32): a model that would exhaust
+  memory; loading it must fail on the memory limit before anything is allocated.
+  (Not run in onnxruntime, for that reason.)
 * ``unet_learned.onnx``  Correct inputs, output [N,2,16,16] in the
   learned-variance layout: channel 0 an epsilon-like conv output, channel 1
   tanh(...) in [-1, 1] (the variance interpolation value).
@@ -216,6 +224,32 @@ class NanUnet(nn.Module):
         return torch.log(sample * 0.0 - 1.0) + _tscale(timestep, sample.shape)
 
 
+class InfUnet(nn.Module):
+    def forward(self, sample, timestep):
+        # exp(1000) overflows float32: +inf everywhere.
+        return torch.exp(sample * 0.0 + 1000.0) + _tscale(timestep, sample.shape)
+
+
+class OutF64Unet(nn.Module):
+    def forward(self, sample, timestep):  # float32 in, float64 out
+        return (sample * 2.0 + _tscale(timestep, sample.shape)).to(torch.float64)
+
+
+HUGE_SIDE = 65536
+
+
+def declare_huge(path: Path) -> None:
+    """Rewrite the declared H, W of every input/output of rank 4 to HUGE_SIDE."""
+    m = onnx.load(str(path))
+    for vi in list(m.graph.input) + list(m.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[2].dim_value = HUGE_SIDE
+            dims[3].dim_value = HUGE_SIDE
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(path))
+
+
 class LearnedVarUnet(ConvUnet):
     """[N,2,16,16]: channel 0 epsilon-like, channel 1 tanh(...) in [-1, 1]."""
 
@@ -310,6 +344,11 @@ def build(out: Path) -> dict[str, Path]:
     torch.manual_seed(3)
     ex("unet_wrong_out", ConvUnet(3), (x, t), broken / "unet_wrong_out.onnx", u_in, u_out)
     ex("unet_nan", NanUnet(), (x, t), broken / "unet_nan.onnx", u_in, u_out)
+    ex("unet_inf", InfUnet(), (x, t), broken / "unet_inf.onnx", u_in, u_out)
+    ex("unet_out_f64", OutF64Unet(), (x, t), broken / "unet_out_f64.onnx", u_in, u_out)
+    torch.manual_seed(8)
+    export(ConvUnet(1), (x, t), broken / "unet_huge_input.onnx", u_in, u_out)
+    declare_huge(broken / "unet_huge_input.onnx")
     torch.manual_seed(4)
     ex("unet_learned", LearnedVarUnet(), (x, t), broken / "unet_learned.onnx", u_in, u_out)
     torch.manual_seed(5)
@@ -388,6 +427,9 @@ def _checks():
                      (1, SIDE, SIDE), lambda o: o.dtype == np.float64 and finite(o)),
         "unet_wrong_out": (unet_in, (3, SIDE, SIDE), finite),
         "unet_nan": (unet_in, (1, SIDE, SIDE), lambda o: bool(np.all(np.isnan(o)))),
+        "unet_inf": (unet_in, (1, SIDE, SIDE), lambda o: bool(np.all(np.isposinf(o)))),
+        "unet_out_f64": (unet_in, (1, SIDE, SIDE),
+                         lambda o: o.dtype == np.float64 and finite(o)),
         "unet_learned": (unet_in, (2, SIDE, SIDE),
                          lambda o: finite(o) and np.abs(o[:, 1]).max() <= 1),
         "prior_01": (lambda n: {"z": zz(n)}, (1, SIDE, SIDE), rng(0, 1)),

@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +111,158 @@ static void *generate_thread(void *arg) {
     return NULL;
 }
 
+/* ---- hostile models (tests/models/broken), through the in-memory loader ---- */
+
+typedef struct {
+    unsigned char *scheduler, *manifest, *unet, *prior, *prior_cond;
+    size_t scheduler_len, manifest_len, unet_len, prior_len, prior_cond_len;
+} Tiny;
+
+static EsdStatus load_tiny(const Tiny *t, const unsigned char *unet, size_t unet_len,
+                           const unsigned char *prior, size_t prior_len, const char *manifest,
+                           uint64_t memory_limit, EsdPipeline **out) {
+    EsdLoadParams lp;
+    EsdFile files[3];
+    esd_load_params_init(&lp);
+    lp.threads = 1;
+    lp.memory_limit = memory_limit;
+    files[0].name = "unet.onnx";
+    files[0].data = unet;
+    files[0].len = unet_len;
+    files[1].name = "prior.onnx";
+    files[1].data = prior;
+    files[1].len = prior_len;
+    files[2].name = "prior_cond.onnx";
+    files[2].data = t->prior_cond;
+    files[2].len = t->prior_cond_len;
+    if (manifest != NULL)
+        return esd_pipeline_new_from_memory(t->scheduler, t->scheduler_len,
+                                            (const uint8_t *)manifest, strlen(manifest), files,
+                                            3, &lp, out);
+    return esd_pipeline_new_from_memory(t->scheduler, t->scheduler_len, t->manifest,
+                                        t->manifest_len, files, 3, &lp, out);
+}
+
+static void test_hostile_models(const char *models_dir) {
+    char tiny_dir[1024], broken_dir[1024];
+    Tiny t;
+    EsdPipeline *p = NULL;
+    EsdGenerateParams gp;
+    EsdLoadParams lp;
+    size_t len = 0, i;
+    unsigned char *m, out[256], *big;
+    const char *huge_manifest =
+        "{\"format\": \"esddpm/1\", \"unet\": {\"file\": \"unet.onnx\", "
+        "\"sample_shape\": [1, 65536, 65536]}, \"priors\": {}}";
+
+    snprintf(tiny_dir, sizeof tiny_dir, "%s/../../tests/models/tiny", models_dir);
+    snprintf(broken_dir, sizeof broken_dir, "%s/../../tests/models/broken", models_dir);
+    t.scheduler = read_file(tiny_dir, "scheduler_config.json", &t.scheduler_len);
+    t.manifest = read_file(tiny_dir, "esddpm.json", &t.manifest_len);
+    t.unet = read_file(tiny_dir, "unet.onnx", &t.unet_len);
+    t.prior = read_file(tiny_dir, "prior.onnx", &t.prior_len);
+    t.prior_cond = read_file(tiny_dir, "prior_cond.onnx", &t.prior_cond_len);
+    CHECK(t.scheduler && t.manifest && t.unet && t.prior && t.prior_cond);
+    if (!(t.scheduler && t.manifest && t.unet && t.prior && t.prior_cond)) return;
+    esd_generate_params_init(&gp);
+    gp.t_prime = 20;
+    gp.steps = 2;
+    gp.sampler = ESD_SAMPLER_KIND_DDIM;
+
+    /* The good folder loads and generates. */
+    OK(load_tiny(&t, t.unet, t.unet_len, t.prior, t.prior_len, NULL, 0, &p));
+    OK(esd_pipeline_generate_u8(p, &gp, out, sizeof out, NULL));
+    /* A batch whose buffers are over the limit: refused before they exist. */
+    gp.batch = 1u << 30;
+    big = (unsigned char *)malloc(16);
+    CHECK_STATUS(esd_pipeline_generate_u8(p, &gp, big, 16, NULL), ESD_STATUS_BUFFER_TOO_SMALL);
+    free(big);
+    esd_pipeline_free(p);
+    p = NULL;
+    OK(load_tiny(&t, t.unet, t.unet_len, t.prior, t.prior_len, NULL, 4u << 20, &p));
+    gp.batch = 20000;
+    big = (unsigned char *)malloc(20000 * 256);
+    memset(big, 0x5A, 20000 * 256);
+    CHECK_STATUS(esd_pipeline_generate_u8(p, &gp, big, 20000 * 256, NULL),
+                 ESD_STATUS_MEMORY_LIMIT);
+    CHECK(all_bytes(big, 20000 * 256, 0x5A));
+    free(big);
+    gp.batch = 1;
+    OK(esd_pipeline_generate_u8(p, &gp, out, sizeof out, NULL)); /* still usable */
+    esd_pipeline_free(p);
+    p = NULL;
+    /* A limit below the U-Net's weights; an old (shorter) EsdLoadParams is accepted. */
+    CHECK_STATUS(load_tiny(&t, t.unet, t.unet_len, t.prior, t.prior_len, NULL, 100000, &p),
+                 ESD_STATUS_MEMORY_LIMIT);
+    CHECK(p == NULL);
+    esd_load_params_init(&lp);
+    lp.struct_size = (uint32_t)offsetof(EsdLoadParams, memory_limit);
+    lp.threads = 1;
+    OK(esd_pipeline_new(tiny_dir, &lp, &p));
+    esd_pipeline_free(p);
+    p = NULL;
+
+    /* A U-Net that outputs +inf: NON_FINITE at generation, buffer untouched. */
+    m = read_file(broken_dir, "unet_inf.onnx", &len);
+    CHECK(m != NULL);
+    OK(load_tiny(&t, m, len, t.prior, t.prior_len, NULL, 0, &p));
+    memset(out, 0x33, sizeof out);
+    CHECK_STATUS(esd_pipeline_generate_u8(p, &gp, out, sizeof out, NULL), ESD_STATUS_NON_FINITE);
+    CHECK(all_bytes(out, sizeof out, 0x33));
+    esd_pipeline_free(p);
+    p = NULL;
+    free(m);
+    /* NaN everywhere: the same status. */
+    m = read_file(broken_dir, "unet_nan.onnx", &len);
+    OK(load_tiny(&t, m, len, t.prior, t.prior_len, NULL, 0, &p));
+    CHECK_STATUS(esd_pipeline_generate_u8(p, &gp, out, sizeof out, NULL), ESD_STATUS_NON_FINITE);
+    esd_pipeline_free(p);
+    p = NULL;
+    free(m);
+    /* Wrong output dtype, wrong output channels, wrong input rank: MODEL_SIGNATURE. */
+    {
+        const char *sig[3] = {"unet_out_f64.onnx", "unet_wrong_out.onnx", "unet_rank3.onnx"};
+        for (i = 0; i < 3; i++) {
+            m = read_file(broken_dir, sig[i], &len);
+            CHECK(m != NULL);
+            CHECK_STATUS(load_tiny(&t, m, len, t.prior, t.prior_len, NULL, 0, &p),
+                         ESD_STATUS_MODEL_SIGNATURE);
+            CHECK(p == NULL);
+            free(m);
+        }
+    }
+    /* Not ONNX, truncated: MODEL_LOAD. */
+    m = read_file(broken_dir, "not_onnx.onnx", &len);
+    CHECK_STATUS(load_tiny(&t, m, len, t.prior, t.prior_len, NULL, 0, &p), ESD_STATUS_MODEL_LOAD);
+    free(m);
+    CHECK_STATUS(load_tiny(&t, t.unet, t.unet_len / 2, t.prior, t.prior_len, NULL, 0, &p),
+                 ESD_STATUS_MODEL_LOAD);
+    /* A huge declared input (16 GiB per image): MEMORY_LIMIT before allocating. */
+    m = read_file(broken_dir, "unet_huge_input.onnx", &len);
+    CHECK(m != NULL);
+    CHECK_STATUS(load_tiny(&t, m, len, t.prior, t.prior_len, huge_manifest, 0, &p),
+                 ESD_STATUS_MEMORY_LIMIT);
+    CHECK(p == NULL && strstr(esd_last_error_message(), "U-Net") != NULL);
+    free(m);
+    /* A [0, 255] prior declared as [-1, 1]: PRIOR_RANGE, buffer untouched. */
+    m = read_file(broken_dir, "prior_255.onnx", &len);
+    CHECK(m != NULL);
+    OK(load_tiny(&t, t.unet, t.unet_len, m, len, NULL, 0, &p));
+    memset(out, 0x44, sizeof out);
+    CHECK_STATUS(esd_pipeline_generate_u8(p, &gp, out, sizeof out, NULL), ESD_STATUS_PRIOR_RANGE);
+    CHECK(all_bytes(out, sizeof out, 0x44));
+    CHECK(strstr(esd_last_error_message(), "output_range") != NULL);
+    esd_pipeline_free(p);
+    p = NULL;
+    free(m);
+
+    free(t.scheduler);
+    free(t.manifest);
+    free(t.unet);
+    free(t.prior);
+    free(t.prior_cond);
+}
+
 /* ---- the sampler-only API ---- */
 
 static void test_sampler_only(void) {
@@ -142,6 +295,22 @@ static void test_sampler_only(void) {
     p.t_prime = 5000;
     CHECK_STATUS(esd_sampler_new(&sp, &p, &s), ESD_STATUS_INVALID_ARGUMENT);
     p.t_prime = 100;
+    /* The memory limit: a huge shape is refused before its buffers exist. */
+    p.batch = 65536;
+    p.height = 65536;
+    CHECK_STATUS(esd_sampler_new(&sp, &p, &s), ESD_STATUS_MEMORY_LIMIT);
+    CHECK(s == NULL && strstr(esd_last_error_message(), "memory limit") != NULL);
+    p.batch = 1;
+    p.height = 32;
+    p.memory_limit = 1000; /* below one 32x32 sample's buffers */
+    CHECK_STATUS(esd_sampler_new(&sp, &p, &s), ESD_STATUS_MEMORY_LIMIT);
+    p.memory_limit = 0;
+    /* A caller built before memory_limit existed passes the shorter struct. */
+    p.struct_size = (uint32_t)offsetof(EsdSamplerParams, memory_limit);
+    OK(esd_sampler_new(&sp, &p, &s));
+    esd_sampler_free(s);
+    s = NULL;
+    p.struct_size = sizeof p;
     OK(esd_sampler_new(&sp, &p, &s));
     CHECK(s != NULL);
 
@@ -227,7 +396,7 @@ int main(int argc, char **argv) {
     CHECK(esd_version() == ESD_VERSION);
     CHECK(strcmp(esd_version_string(), ESD_VERSION_STRING) == 0);
     CHECK(esd_has_runtime() == 1);
-    for (i = 0; i <= ESD_STATUS_PANIC; i++) CHECK(strlen(esd_status_str((uint32_t)i)) > 0);
+    for (i = 0; i <= ESD_STATUS_PRIOR_RANGE; i++) CHECK(strlen(esd_status_str((uint32_t)i)) > 0);
     CHECK(strcmp(esd_status_str(9999), "unknown status") == 0);
     CHECK(strcmp(esd_status_str(ESD_STATUS_OK), "ok") == 0);
 
@@ -568,6 +737,7 @@ int main(int argc, char **argv) {
     }
 
     test_sampler_only();
+    test_hostile_models(dir);
 
     esd_pipeline_free(p);
     esd_pipeline_free(NULL);
