@@ -111,6 +111,39 @@ static void *generate_thread(void *arg) {
     return NULL;
 }
 
+/* ---- threads: one pipeline, four threads at once == the same calls one by one ---- */
+
+static void test_threads(const EsdPipeline *p, size_t img) {
+    enum { JOBS = 4 };
+    EsdGenerateParams params[JOBS];
+    GenJob jobs[JOBS];
+    pthread_t tid[JOBS];
+    unsigned char *seq[JOBS];
+    int j;
+    for (j = 0; j < JOBS; j++) {
+        esd_generate_params_init(&params[j]);
+        params[j].seed = 1000 + (uint64_t)j;
+        params[j].t_prime = 30;
+        params[j].steps = 3;
+        params[j].sampler = j % 2 ? ESD_SAMPLER_KIND_DDIM : ESD_SAMPLER_KIND_DDPM;
+        seq[j] = (unsigned char *)malloc(img);
+        OK(esd_pipeline_generate_u8(p, &params[j], seq[j], img, NULL));
+        jobs[j].pipeline = p;
+        jobs[j].params = &params[j];
+        jobs[j].out = (unsigned char *)malloc(img);
+        jobs[j].len = img;
+        jobs[j].status = ESD_STATUS_PANIC;
+    }
+    for (j = 0; j < JOBS; j++) CHECK(pthread_create(&tid[j], NULL, generate_thread, &jobs[j]) == 0);
+    for (j = 0; j < JOBS; j++) {
+        pthread_join(tid[j], NULL);
+        CHECK(jobs[j].status == ESD_STATUS_OK);
+        CHECK(memcmp(jobs[j].out, seq[j], img) == 0);
+        free(jobs[j].out);
+        free(seq[j]);
+    }
+}
+
 /* ---- hostile models (tests/models/broken), through the in-memory loader ---- */
 
 typedef struct {
@@ -737,6 +770,7 @@ int main(int argc, char **argv) {
     }
 
     test_sampler_only();
+    test_threads(p, img);
     test_hostile_models(dir);
 
     esd_pipeline_free(p);
