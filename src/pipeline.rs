@@ -527,7 +527,11 @@ impl Pipeline {
         let noise = NoiseSource::new(options.seed);
         let mut z = vec![0.0; options.batch * n];
         for (i, chunk) in z.chunks_mut(n).enumerate() {
-            noise.fill(options.first_image + i as u64, Draw::Latent, chunk);
+            noise.fill(
+                options.first_image.wrapping_add(i as u64),
+                Draw::Latent,
+                chunk,
+            );
         }
         Ok(z)
     }

@@ -103,7 +103,7 @@ impl<'a> Mask<'a> {
         let a = libm::sqrt(abar);
         let s = libm::sqrt(1.0 - abar);
         for (n, img) in x.chunks_exact_mut(il).enumerate() {
-            let mut eps = noise.stream(image_offset + n as u64, draw);
+            let mut eps = noise.stream(image_offset.wrapping_add(n as u64), draw);
             for (j, v) in img.iter_mut().enumerate() {
                 let e = if s > 0.0 { eps.next_normal() } else { 0.0 };
                 let (keep, known) = self.at(n, j);

@@ -271,7 +271,8 @@ impl<'a> Sampler<'a> {
     }
 
     /// Image `n` of the batch draws from stream `offset + n` (so a batch can be split:
-    /// image `i` of a batch equals a batch of one with offset `i`).
+    /// image `i` of a batch equals a batch of one with offset `i`), wrapping modulo
+    /// 2^64 (any `u64` offset is valid).
     pub fn with_image_offset(mut self, offset: u64) -> Self {
         self.image_offset = offset;
         self
@@ -374,7 +375,7 @@ impl<'a> Sampler<'a> {
             Init::Noise => {
                 for (n, img) in x.chunks_exact_mut(il).enumerate() {
                     self.noise
-                        .fill(self.image_offset + n as u64, Draw::Start, img);
+                        .fill(self.image_offset.wrapping_add(n as u64), Draw::Start, img);
                 }
             }
             Init::Image(image) => {
@@ -397,7 +398,9 @@ impl<'a> Sampler<'a> {
                     } else {
                         &image[n * il..(n + 1) * il]
                     };
-                    let mut eps = self.noise.stream(self.image_offset + n as u64, Draw::Start);
+                    let mut eps = self
+                        .noise
+                        .stream(self.image_offset.wrapping_add(n as u64), Draw::Start);
                     for (v, &x0) in img.iter_mut().zip(src) {
                         *v = (a * f64::from(x0) + s * f64::from(eps.next_normal())) as f32;
                     }
@@ -596,10 +599,10 @@ impl<'a> Sampler<'a> {
                 &[][..]
             };
             let mut noise = match noise_in {
-                NoiseIn::Seeded => StepNoise::Stream(
-                    self.noise
-                        .stream(self.image_offset + n as u64, Draw::Step(step_u32)),
-                ),
+                NoiseIn::Seeded => StepNoise::Stream(self.noise.stream(
+                    self.image_offset.wrapping_add(n as u64),
+                    Draw::Step(step_u32),
+                )),
                 NoiseIn::Given(buf) if adds_noise => StepNoise::Given(&buf[range.clone()]),
                 NoiseIn::Given(_) => StepNoise::Given(&[]),
             };

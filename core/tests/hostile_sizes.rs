@@ -63,3 +63,51 @@ fn a_respacing_string_cannot_overflow_or_over_allocate() {
         Err(Error::InvalidStepCount { max: 1000, .. })
     ));
 }
+
+#[test]
+fn image_offsets_near_u64_max_wrap_instead_of_overflowing() {
+    // Found by `fuzz/run.sh` (target `sampler`): `image_offset + n` overflowed, a panic
+    // in debug builds. Stream indices wrap modulo 2^64.
+    let mut abar = [0.0f64; 1000];
+    let schedule = NoiseSchedule::new(&ScheduleConfig::default(), &mut abar).unwrap();
+    let chain: Vec<u32> = (0..10).rev().map(|t| t * 100).collect();
+    let shape = ImageShape::new(3, 1, 2, 2).unwrap();
+    let mut s = Sampler::new(
+        schedule,
+        &chain,
+        StartAt::Full,
+        SamplerConfig::default(),
+        shape,
+        1,
+    )
+    .unwrap()
+    .with_image_offset(u64::MAX - 1);
+    let mut x = vec![0.0f32; shape.len()];
+    let mut work = vec![0.0f32; s.workspace_len()];
+    let out = vec![0.1f32; s.model_output_len()];
+    s.init(&mut x, Init::Noise).unwrap();
+    while s.next_call().is_some() {
+        s.step(&mut x, &out, &mut work).unwrap();
+    }
+    // Image 2 of the batch is stream u64::MAX + 1 = 0: image 0 of an offset-0 run.
+    let mut first = vec![0.0f32; 4];
+    NoiseSource::new(1).fill(0, Draw::Start, &mut first);
+    let mut again = vec![0.0f32; shape.len()];
+    let mut s2 = Sampler::new(
+        schedule_again(&mut abar),
+        &chain,
+        StartAt::Full,
+        SamplerConfig::default(),
+        shape,
+        1,
+    )
+    .unwrap()
+    .with_image_offset(u64::MAX - 1);
+    s2.init(&mut again, Init::Noise).unwrap();
+    assert_eq!(&again[8..12], &first[..]);
+    assert!(x.iter().all(|v| v.is_finite()));
+}
+
+fn schedule_again(abar: &mut [f64; 1000]) -> NoiseSchedule<'_> {
+    NoiseSchedule::new(&ScheduleConfig::default(), abar).unwrap()
+}

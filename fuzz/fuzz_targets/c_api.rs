@@ -269,7 +269,7 @@ unsafe fn sampler(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 fn call_str(status: EsdStatus) {
-    let msg: *const c_char = esd_status_str(status);
+    let msg: *const c_char = esd_status_str(status as u32);
     assert!(!msg.is_null());
 }
 
