@@ -111,11 +111,14 @@ unsafe fn generate(u: &mut Unstructured<'_>) -> Result<()> {
         u.int_in_range(0..=3)?
     };
     gp.start = u32_in(u, 3)?;
-    gp.t_prime = u32_in(u, 1001)?;
-    gp.steps = if u.ratio(1, 8)? {
-        u32::arbitrary(u)?
-    } else {
-        u.int_in_range(0..=12)?
+    // Mostly short runs (a few U-Net calls) so that the target explores parameters
+    // rather than spending its time in long chains; 0 steps (the default: T' for
+    // DDPM, up to 1000 calls) and any u32 now and then.
+    gp.t_prime = u32_in(u, 40)?;
+    gp.steps = match u.int_in_range(0u8..=15)? {
+        15 => 0,
+        14 => u32::arbitrary(u)?,
+        _ => u.int_in_range(1..=12)?,
     };
     gp.sampler = u32_in(u, 3)?;
     gp.clip_sample = i32::arbitrary(u)? % 3;
@@ -157,7 +160,10 @@ unsafe fn generate(u: &mut Unstructured<'_>) -> Result<()> {
         u.int_in_range(0..=right + 4)?
     };
     let as_u8 = bool::arbitrary(u)?;
-    let params: *const EsdGenerateParams = if u.ratio(1, 20)? { null() } else { &gp };
+    // NULL params mean the defaults: one image, 100 DDPM steps (slow here: rare, and
+    // never on exhausted input, where `ratio` is true).
+    let params: *const EsdGenerateParams = if u.ratio(19, 20)? { &gp } else { null() };
+    let written = if params.is_null() { 256 } else { right };
     let mut seed_used = 0xdead_beef_u64;
     if as_u8 {
         let mut out = vec![0xa5u8; out_len];
@@ -172,7 +178,7 @@ unsafe fn generate(u: &mut Unstructured<'_>) -> Result<()> {
         let s = esd_pipeline_generate_f32(p, params, out.as_mut_ptr(), out_len, &mut seed_used);
         assert_ne!(s, EsdStatus::Panic);
         if s == EsdStatus::Ok {
-            assert!(out[..right.min(out_len)].iter().all(|v| v.is_finite()));
+            assert!(out[..written.min(out_len)].iter().all(|v| v.is_finite()));
         } else {
             assert!(out.iter().all(|v| v.to_bits() == 0x7fc0_1234), "{s:?}: buffer written");
             assert_eq!(seed_used, 0xdead_beef);
