@@ -12,6 +12,11 @@
  * _init function before fields are changed; a Rust panic never unwinds into C
  * (ESD_STATUS_PANIC).
  *
+ * Memory: EsdLoadParams.memory_limit and EsdSamplerParams.memory_limit (bytes; 0 = the
+ * default, 4 GiB) bound what a model load or a generation may need; it is estimated and
+ * checked before allocation (ESD_STATUS_MEMORY_LIMIT), so a hostile model or a huge
+ * batch cannot exhaust memory.
+ *
  * Threads: any function may be called from any thread. A pipeline may be shared by
  * threads (generate and session_begin at once); a session or a sampler is used by one
  * thread at a time; esd_pipeline_cancel may be called from any thread at any time.

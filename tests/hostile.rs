@@ -217,3 +217,27 @@ fn the_memory_limit_bounds_loading_and_generation() {
     // UNLIMITED turns the checks off (the tiny models load either way).
     assert!(Pipeline::from_folder(&tiny, &opts(memory::UNLIMITED)).is_ok());
 }
+
+#[test]
+fn hostile_configs_are_refused_before_they_allocate() {
+    // A training chain of 10^12 steps: the tables would take 8 TB.
+    let d = tiny_copy(|d| {
+        edit_json(&d.join("scheduler_config.json"), |v| {
+            v["num_train_timesteps"] = serde_json::json!(1_000_000_000_000u64);
+        })
+    });
+    match Pipeline::from_folder(d.path(), &opts(memory::DEFAULT_MEMORY_LIMIT)).unwrap_err() {
+        Error::Config { key, .. } => assert_eq!(key, "num_train_timesteps"),
+        e => panic!("{e}"),
+    }
+    // A prior latent of 2^40 values: its input alone is over the limit.
+    let d = tiny_copy(|d| {
+        edit_json(&d.join("esddpm.json"), |v| {
+            v["priors"]["mlp"]["latent_shape"] = serde_json::json!([1u64 << 40]);
+        })
+    });
+    match Pipeline::from_folder(d.path(), &opts(memory::DEFAULT_MEMORY_LIMIT)).unwrap_err() {
+        Error::MemoryLimit { what, .. } => assert!(what.contains("prior"), "{what}"),
+        e => panic!("{e}"),
+    }
+}

@@ -24,10 +24,10 @@ mod session;
 mod status;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
+use libfuzzer_sys::fuzz_target;
 use pipeline::*;
 use sampler::*;
 use status::*;
-use libfuzzer_sys::fuzz_target;
 use std::ffi::{c_char, CString};
 use std::ptr::{null, null_mut};
 
@@ -170,7 +170,10 @@ unsafe fn generate(u: &mut Unstructured<'_>) -> Result<()> {
         let s = esd_pipeline_generate_u8(p, params, out.as_mut_ptr(), out_len, &mut seed_used);
         assert_ne!(s, EsdStatus::Panic);
         if s != EsdStatus::Ok {
-            assert!(out.iter().all(|&b| b == 0xa5), "{s:?}: buffer written on failure");
+            assert!(
+                out.iter().all(|&b| b == 0xa5),
+                "{s:?}: buffer written on failure"
+            );
             assert_eq!(seed_used, 0xdead_beef);
         }
     } else {
@@ -180,7 +183,10 @@ unsafe fn generate(u: &mut Unstructured<'_>) -> Result<()> {
         if s == EsdStatus::Ok {
             assert!(out[..written.min(out_len)].iter().all(|v| v.is_finite()));
         } else {
-            assert!(out.iter().all(|v| v.to_bits() == 0x7fc0_1234), "{s:?}: buffer written");
+            assert!(
+                out.iter().all(|v| v.to_bits() == 0x7fc0_1234),
+                "{s:?}: buffer written"
+            );
             assert_eq!(seed_used, 0xdead_beef);
         }
     }
@@ -248,7 +254,8 @@ unsafe fn sampler(u: &mut Unstructured<'_>) -> Result<()> {
                 esd_sampler_next(s, &mut call)
             }
             2 => {
-                let mut out = vec![f32::from_bits(0x7fc0_1234); u.int_in_range(0..=sample_len + 1)?];
+                let mut out =
+                    vec![f32::from_bits(0x7fc0_1234); u.int_in_range(0..=sample_len + 1)?];
                 let st = esd_sampler_preview(s, out.as_mut_ptr(), out.len());
                 if st != EsdStatus::Ok {
                     assert!(out.iter().all(|v| v.to_bits() == 0x7fc0_1234));
@@ -256,7 +263,8 @@ unsafe fn sampler(u: &mut Unstructured<'_>) -> Result<()> {
                 st
             }
             3 => {
-                let mut out = vec![f32::from_bits(0x7fc0_1234); u.int_in_range(0..=sample_len + 1)?];
+                let mut out =
+                    vec![f32::from_bits(0x7fc0_1234); u.int_in_range(0..=sample_len + 1)?];
                 let st = esd_sampler_sample(s, out.as_mut_ptr(), out.len());
                 if st != EsdStatus::Ok {
                     assert!(out.iter().all(|v| v.to_bits() == 0x7fc0_1234));

@@ -7,7 +7,9 @@
 //! Every input must give a pipeline or a typed error: no crash, panic, hang or
 //! allocation beyond the limit.
 #![no_main]
-use esddpm_runtime::{Error, GenerateOptions, LoadOptions, MemoryFolder, Pipeline, SamplerChoice, Start};
+use esddpm_runtime::{
+    Error, GenerateOptions, LoadOptions, MemoryFolder, Pipeline, SamplerChoice, Start,
+};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
 
