@@ -364,7 +364,8 @@ impl Pipeline {
 
     /// What one generation of `batch` images with `prior` (or none, for a start from
     /// noise or an init image) is estimated to need, in bytes: the session's buffers
-    /// (`(9 N C H W + N D) * 4`) plus the U-Net's and the prior's batch-1 plans. It is
+    /// (`(9 N C H W + N D) * 4`) plus the U-Net's and the prior's batch-1 plans (the
+    /// U-Net's activations once per worker thread of the batch). It is
     /// checked against the limit before anything is allocated.
     pub fn generation_memory(&self, batch: usize, prior: Option<&Prior>) -> Result<u64> {
         let [c, h, w] = self.image_shape();
@@ -374,7 +375,12 @@ impl Pipeline {
         crate::memory::check(self.memory_limit, buffers, || {
             format!("a generation of {batch} images")
         })?;
-        let mut needed = buffers.saturating_add(u128::from(self.unet.memory(1)?.total()));
+        // One U-Net run state (its activations) per worker thread of the batch.
+        let unet = self.unet.memory(1)?;
+        let workers = crate::session::workers(self.threads, batch) as u128;
+        let mut needed = buffers
+            .saturating_add(u128::from(unet.weights))
+            .saturating_add(u128::from(unet.activations).saturating_mul(workers));
         if let Some(p) = prior {
             needed = needed.saturating_add(u128::from(p.memory(1)?.total()));
         }

@@ -30,7 +30,9 @@ pub struct Session<'p> {
     work: Vec<f32>,
     progress: SamplerProgress,
     num_steps: usize,
-    unet_state: UnetState,
+    /// One U-Net run state per worker: the images of a batch are split across
+    /// `min(threads, batch)` OS threads, each running the batch-1 plan on one core.
+    unet_states: Vec<UnetState>,
 }
 
 /// The core sampler of a run, rebuilt from a session's fields (it borrows them, so a
@@ -50,6 +52,15 @@ fn build_sampler<'a>(
         s = s.with_mask(Mask::new(known, keep, shape)?)?;
     }
     Ok(s)
+}
+
+/// Worker threads for a batch: one per tract thread, at most one per image.
+pub(crate) fn workers(threads: usize, batch: usize) -> usize {
+    if batch < 2 {
+        1
+    } else {
+        threads.clamp(1, batch)
+    }
 }
 
 fn bad(name: &'static str, message: impl Into<String>) -> Error {
@@ -183,7 +194,9 @@ impl<'p> Session<'p> {
             work: Vec::new(),
             progress: SamplerProgress::default(),
             num_steps: 0,
-            unet_state: pipeline.unet.state(1)?,
+            unet_states: (0..workers(pipeline.threads(), o.batch))
+                .map(|_| pipeline.unet.state(1))
+                .collect::<Result<_>>()?,
         };
         let mut sampler = build_sampler(
             session.schedule,
@@ -225,14 +238,46 @@ impl<'p> Session<'p> {
         // size, and as fast in tract as one batched call (see TRACT-NOTES).
         let il = self.shape.image_len();
         let ol = self.out.len() / self.shape.batch;
-        for (x, out) in self.x.chunks(il).zip(self.out.chunks_mut(ol)) {
-            self.pipeline.unet.run_in(
-                &mut self.unet_state,
-                x,
-                call.timestep,
-                out,
-                &self.pipeline.executor,
-            )?;
+        let unet = &self.pipeline.unet;
+        let t = call.timestep;
+        if let [state] = self.unet_states.as_mut_slice() {
+            // One worker: tract's own executor (its threads split each matrix product).
+            for (x, out) in self.x.chunks(il).zip(self.out.chunks_mut(ol)) {
+                unet.run_in(state, x, t, out, &self.pipeline.executor)?;
+            }
+        } else {
+            // Several: contiguous runs of images on scoped threads, one core each
+            // (tract's executor keeps ~1.3 of 2 cores busy; whole images keep all busy).
+            let n = self.unet_states.len();
+            let per = self.shape.batch.div_ceil(n);
+            let results: Vec<Result<()>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = self
+                    .unet_states
+                    .iter_mut()
+                    .zip(self.x.chunks(per * il).zip(self.out.chunks_mut(per * ol)))
+                    .map(|(state, (xs, outs))| {
+                        scope.spawn(move || {
+                            let single = tract_linalg::multithread::Executor::SingleThread;
+                            for (x, out) in xs.chunks(il).zip(outs.chunks_mut(ol)) {
+                                unet.run_in(state, x, t, out, &single)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Inference {
+                                role: ModelRole::Unet,
+                                message: "a worker thread panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            });
+            results.into_iter().collect::<Result<()>>()?;
         }
         let info = sampler
             .step(&mut self.x, &self.out, &mut self.work)
