@@ -47,9 +47,20 @@ fn pipeline() -> *const EsdPipeline {
         let mut p = null_mut();
         let s = esd_pipeline_new(TINY.as_ptr().cast(), &lp, &mut p);
         assert_eq!(s, EsdStatus::Ok);
+        // Valid but long runs (1000 DDPM steps from noise, 3 images) would take a
+        // minute here: cancel every run after 24 steps (ESD_STATUS_CANCELLED, which
+        // must leave the buffers untouched like every failure).
+        let s = esd_pipeline_set_progress(p, Some(stop_long_runs), p.cast(), 0);
+        assert_eq!(s, EsdStatus::Ok);
         Shared(p)
     })
     .0
+}
+
+unsafe extern "C" fn stop_long_runs(user: *mut std::ffi::c_void, progress: *const EsdProgress) {
+    if (*progress).step + 1 >= 24 {
+        esd_pipeline_cancel(user as *const EsdPipeline);
+    }
 }
 
 fn u32_in(u: &mut Unstructured<'_>, small: u32) -> Result<u32> {
