@@ -221,6 +221,16 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     let warmup: usize = a.opt("warmup", 2);
     let t: u32 = a.opt("t", 500);
     let exec = executor(threads);
+    // `--path batched` (default): one forward of the batch-`batch` plan, tract's executor
+    // with `threads` threads. `--path per-image`: esddpm's own batch path
+    // (`Session::step`): `batch` forwards of the batch-1 plan, the images split across
+    // min(threads, batch) OS threads, one single-threaded run state each.
+    let per_image = a.opts.get("path").map(String::as_str) == Some("per-image");
+    let workers = if per_image {
+        threads.clamp(1, batch)
+    } else {
+        1
+    };
 
     // Load to first step, from main(): read + parse, optimise, first forward.
     let t0 = Instant::now();
@@ -231,8 +241,15 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     let unet = Unet::new(model, shape)?;
     let optimise_b1_s = secs(t0);
     let t0 = Instant::now();
-    // The plan for `batch` (the cached batch-1 plan when batch is 1) and its run state.
-    let mut state = unet.state(batch)?;
+    // The plan for `batch` (the cached batch-1 plan when batch is 1) and its run state;
+    // per image: one batch-1 state per worker.
+    let mut states = if per_image {
+        (0..workers)
+            .map(|_| unet.state(1))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        vec![unet.state(batch)?]
+    };
     let plan_batch_s = secs(t0);
     let n_in = batch * shape.iter().product::<usize>();
     let x = match a.opts.get("input") {
@@ -241,8 +258,35 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     };
     let [_, h, w] = shape;
     let mut out = vec![0f32; batch * unet.out_channels() * h * w];
+    let (il, ol) = (n_in / batch, out.len() / batch);
+    let mut forward = |out: &mut [f32]| -> Result<(), esddpm::Error> {
+        if !per_image {
+            return unet.run_in(&mut states[0], &x, t, out, &exec);
+        }
+        let per = batch.div_ceil(workers);
+        let unet = &unet;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = states
+                .iter_mut()
+                .zip(x.chunks(per * il).zip(out.chunks_mut(per * ol)))
+                .map(|(state, (xs, outs))| {
+                    scope.spawn(move || {
+                        let single = tract_linalg::multithread::Executor::SingleThread;
+                        for (xi, oi) in xs.chunks(il).zip(outs.chunks_mut(ol)) {
+                            unet.run_in(state, xi, t, oi, &single)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("worker"))
+                .collect::<Result<(), esddpm::Error>>()
+        })
+    };
     let t0 = Instant::now();
-    unet.run_in(&mut state, &x, t, &mut out, &exec)?;
+    forward(&mut out)?;
     let first_run_s = secs(t0);
     let load_to_first_step_s = secs(t_main);
     if let Some(p) = a.opts.get("output") {
@@ -250,20 +294,21 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     }
 
     for _ in 0..warmup {
-        unet.run_in(&mut state, &x, t, &mut out, &exec)?;
+        forward(&mut out)?;
     }
     let mut times = Vec::with_capacity(reps);
     let (wall0, cpu0) = (Instant::now(), cpu_time());
     for _ in 0..reps {
         let t0 = Instant::now();
-        unet.run_in(&mut state, &x, t, &mut out, &exec)?;
+        forward(&mut out)?;
         times.push(secs(t0) * 1e3);
     }
     let (wall, cpu) = (secs(wall0), cpu_time() - cpu0);
-    let mem = unet.memory(batch)?;
+    let mem = unet.memory(if per_image { 1 } else { batch })?;
     Ok(json!({
         "mode": "forward",
         "runtime": "tract",
+        "path": if per_image { "per-image" } else { "batched" },
         "model": model_name(&path),
         "batch": batch,
         "threads": threads,

@@ -119,15 +119,19 @@ def forward_cells(args, exe, py, fashion_torch):
                 cell = {"model": model, "label": label, "batch": batch, "threads": threads,
                         "reps": reps, "rounds": []}
                 for rnd in range(args.rounds):
-                    peers = ["ort", "torch", "tract"]
-                    k = (cell_ix + rnd) % 3
+                    # "esddpm": esddpm's own batch path (batch-1 forwards, images split
+                    # across OS threads, as Session::step runs them), for batch > 1.
+                    peers = ["ort", "torch", "tract"] + (["esddpm"] if batch > 1 else [])
+                    k = (cell_ix + rnd) % len(peers)
                     peers = peers[k:] + peers[:k]
                     got = {}
                     for rt in peers:
                         outp = os.path.join(IO, f"{model}_b{batch}_t{threads}_{rt}.f32")
-                        if rt == "tract":
+                        if rt in ("tract", "esddpm"):
                             cmd = [exe, "forward", onnx, str(c), str(h), str(w), str(batch),
                                    str(threads), str(reps), "--input", inp, "--output", outp]
+                            if rt == "esddpm":
+                                cmd += ["--path", "per-image"]
                         elif rt == "torch" and model == "fashion" and not fashion_torch:
                             continue
                         else:
@@ -145,7 +149,7 @@ def forward_cells(args, exe, py, fashion_torch):
                                 f"{r['load_to_first_step_s']:.2f} s")
                     if "ort" in got:
                         ref = got["ort"]["output_file"]
-                        for rt in ("tract", "torch"):
+                        for rt in ("tract", "torch", "esddpm"):
                             if rt in got:
                                 got[rt]["max_abs_diff_vs_ort"] = max_diff(
                                     got[rt]["output_file"], ref)
@@ -161,7 +165,7 @@ def forward_cells(args, exe, py, fashion_torch):
 def summarise_cell(cell):
     """Median over rounds of each peer's median (one round: that round's numbers)."""
     s = {}
-    for rt in ("ort", "torch", "tract"):
+    for rt in ("ort", "torch", "tract", "esddpm"):
         rs = [r[rt] for r in cell["rounds"] if rt in r]
         if not rs:
             continue
@@ -172,6 +176,13 @@ def summarise_cell(cell):
                   if "ort" in r and "tract" in r]
         s["tract_over_ort"] = float(np.median(ratios))
         s["tract_over_ort_per_round"] = ratios
+    # The path esddpm takes: per-image for batch > 1, the batch-1 plan otherwise.
+    best = "esddpm" if "esddpm" in s else "tract"
+    if "ort" in s and best in s:
+        s["esddpm_path"] = best
+        s["esddpm_over_ort"] = float(np.median(
+            [r[best]["median_ms"] / r["ort"]["median_ms"] for r in cell["rounds"]
+             if "ort" in r and best in r]))
     cell["summary"] = s
 
 
@@ -235,17 +246,23 @@ def markdown(res):
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores; {m['when']}; "
              f"rounds per cell: {res['args']['rounds']}.")
     L.append("")
-    L.append("| U-Net | batch | threads | ORT ms | PyTorch ms | tract ms | tract/ORT | "
-             "tract CPU use (cores) | tract peak RSS MB (weights MB) | "
-             "tract load-to-first-step s |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    L.append("tract batched = one forward of the batch's plan; esddpm path = what esddpm "
+             "runs for a batch (batch-1 forwards, the images split across the threads as OS "
+             "threads; the same as tract batched at batch 1).")
+    L.append("")
+    L.append("| U-Net | batch | threads | ORT ms | PyTorch ms | tract batched ms | tract/ORT | "
+             "esddpm path ms | esddpm path / ORT | esddpm CPU use (cores) | "
+             "tract peak RSS MB (weights MB) | tract load-to-first-step s |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in res["cells"]:
         s = c["summary"]
         o, p, t = s.get("ort", {}), s.get("torch", {}), s.get("tract", {})
+        e = s.get(s.get("esddpm_path", "tract"), {})
         L.append(
             f"| {c['label']} | {c['batch']} | {c['threads']} | {fmt(o.get('median_ms'), '.1f')} "
             f"| {fmt(p.get('median_ms'), '.1f')} | {fmt(t.get('median_ms'), '.1f')} | "
-            f"{fmt(s.get('tract_over_ort'), '.2f')}x | {fmt(t.get('cpu_cores'), '.2f')} | "
+            f"{fmt(s.get('tract_over_ort'), '.2f')}x | {fmt(e.get('median_ms'), '.1f')} | "
+            f"{fmt(s.get('esddpm_over_ort'), '.2f')}x | {fmt(e.get('cpu_cores'), '.2f')} | "
             f"{fmt(t.get('peak_rss_mb'), '.0f')} ({fmt(t.get('weights_mb'), '.0f')}) | "
             f"{fmt(t.get('load_to_first_step_s'), '.2f')} |")
     L.append("")
@@ -392,8 +409,9 @@ def main():
     if not args.no_forward:
         log("forward cells")
         res["cells"] = forward_cells(args, exe, py, fashion_torch)
-        diffs = [r["tract"]["max_abs_diff_vs_ort"] for c in res["cells"] for r in c["rounds"]
-                 if "tract" in r and "max_abs_diff_vs_ort" in r["tract"]]
+        diffs = [r[rt]["max_abs_diff_vs_ort"] for c in res["cells"] for r in c["rounds"]
+                 for rt in ("tract", "esddpm")
+                 if rt in r and "max_abs_diff_vs_ort" in r[rt]]
         if diffs:
             res["numerics_max_diff"] = max(diffs)
             res["numerics_ok"] = max(diffs) <= TOL
