@@ -281,8 +281,7 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("worker"))
-                .collect::<Result<(), esddpm::Error>>()
+                .try_for_each(|h| h.join().expect("worker"))
         })
     };
     let t0 = Instant::now();
