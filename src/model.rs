@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -42,6 +43,12 @@ impl std::fmt::Display for IoDesc {
             }
         }
     }
+}
+
+/// Decodes an ONNX protobuf straight from `bytes` (tract's reader would copy them first).
+fn decode(role: ModelRole, bytes: &[u8]) -> Result<pb::ModelProto> {
+    use prost::Message;
+    guarded(role, "parse", || Ok(pb::ModelProto::decode(bytes)?))
 }
 
 /// Runs `f`, turning a panic inside tract into an error.
@@ -120,17 +127,21 @@ impl OnnxModel {
             format!("reading the {role} model file {}", path.display())
         })?;
         let bytes = std::fs::read(path).map_err(io)?;
-        Self::from_bytes(role, &bytes, memory_limit)
+        let pb = decode(role, &bytes)?;
+        // The file's bytes are not needed once decoded: one copy of the weights fewer
+        // at the load's peak.
+        drop(bytes);
+        Self::from_proto(role, pb, memory_limit)
     }
 
     /// Parses an ONNX model from memory (a game's asset pack, say), under
     /// `memory_limit` bytes.
     pub fn from_bytes(role: ModelRole, bytes: &[u8], memory_limit: u64) -> Result<Self> {
+        Self::from_proto(role, decode(role, bytes)?, memory_limit)
+    }
+
+    fn from_proto(role: ModelRole, pb: pb::ModelProto, memory_limit: u64) -> Result<Self> {
         let onnx = tract_onnx::onnx();
-        let pb = guarded(role, "parse", || {
-            let mut reader = bytes;
-            onnx.proto_model_for_read(&mut reader)
-        })?;
         // The weights as declared, before tract builds a tensor of any of them.
         let declared = memory::declared_weight_bytes(&pb);
         memory::check(memory_limit, declared, || {
