@@ -258,31 +258,13 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     };
     let [_, h, w] = shape;
     let mut out = vec![0f32; batch * unet.out_channels() * h * w];
-    let (il, ol) = (n_in / batch, out.len() / batch);
     let mut forward = |out: &mut [f32]| -> Result<(), esddpm::Error> {
-        if !per_image {
-            return unet.run_in(&mut states[0], &x, t, out, &exec);
+        if per_image {
+            // esddpm's own batch path, as `Session::step` runs it.
+            unet.run_images(&mut states, &x, t, out, &exec)
+        } else {
+            unet.run_in(&mut states[0], &x, t, out, &exec)
         }
-        let per = batch.div_ceil(workers);
-        let unet = &unet;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = states
-                .iter_mut()
-                .zip(x.chunks(per * il).zip(out.chunks_mut(per * ol)))
-                .map(|(state, (xs, outs))| {
-                    scope.spawn(move || {
-                        let single = tract_linalg::multithread::Executor::SingleThread;
-                        for (xi, oi) in xs.chunks(il).zip(outs.chunks_mut(ol)) {
-                            unet.run_in(state, xi, t, oi, &single)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("worker"))
-        })
     };
     let t0 = Instant::now();
     forward(&mut out)?;

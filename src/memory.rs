@@ -100,8 +100,6 @@ pub(crate) fn declared_weight_bytes(model: &pb::ModelProto) -> u128 {
 pub struct PlanMemory {
     /// Constant tensors (weights) held by the plan.
     pub weights: u64,
-    /// The model's inputs.
-    pub inputs: u64,
     /// The peak of the intermediate values (inputs and outputs included) over tract's
     /// evaluation order, each freed after its last use.
     pub activations: u64,
@@ -139,14 +137,6 @@ pub(crate) fn plan_memory(plan: &TypedSimplePlan) -> PlanMemory {
         .output_outlets()
         .map(|o| o.to_vec())
         .unwrap_or_default();
-    let inputs: u128 = model
-        .input_outlets()
-        .map(|o| o.to_vec())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|o| model.outlet_fact(*o).ok())
-        .map(fact_bytes)
-        .fold(0, u128::saturating_add);
     // Position of each outlet's last use; outputs live to the end.
     let mut last_use: HashMap<OutletId, usize> = HashMap::new();
     for (pos, &n) in order.iter().enumerate() {
@@ -197,7 +187,6 @@ pub(crate) fn plan_memory(plan: &TypedSimplePlan) -> PlanMemory {
     let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
     PlanMemory {
         weights: clamp(weights),
-        inputs: clamp(inputs),
         activations: clamp(peak),
     }
 }

@@ -234,51 +234,16 @@ impl<'p> Session<'p> {
         let Some(call) = sampler.next_call() else {
             return Ok(None);
         };
-        // Image by image with the batch-1 plan: bit-identical results whatever the batch
-        // size, and as fast in tract as one batched call (see TRACT-NOTES).
-        let il = self.shape.image_len();
-        let ol = self.out.len() / self.shape.batch;
-        let unet = &self.pipeline.unet;
-        let t = call.timestep;
-        if let [state] = self.unet_states.as_mut_slice() {
-            // One worker: tract's own executor (its threads split each matrix product).
-            for (x, out) in self.x.chunks(il).zip(self.out.chunks_mut(ol)) {
-                unet.run_in(state, x, t, out, &self.pipeline.executor)?;
-            }
-        } else {
-            // Several: contiguous runs of images on scoped threads, one core each
-            // (tract's executor keeps ~1.3 of 2 cores busy; whole images keep all busy).
-            let n = self.unet_states.len();
-            let per = self.shape.batch.div_ceil(n);
-            let results: Vec<Result<()>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = self
-                    .unet_states
-                    .iter_mut()
-                    .zip(self.x.chunks(per * il).zip(self.out.chunks_mut(per * ol)))
-                    .map(|(state, (xs, outs))| {
-                        scope.spawn(move || {
-                            let single = tract_linalg::multithread::Executor::SingleThread;
-                            for (x, out) in xs.chunks(il).zip(outs.chunks_mut(ol)) {
-                                unet.run_in(state, x, t, out, &single)?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Inference {
-                                role: ModelRole::Unet,
-                                message: "a worker thread panicked".into(),
-                            })
-                        })
-                    })
-                    .collect()
-            });
-            results.into_iter().collect::<Result<()>>()?;
-        }
+        // Image by image with the batch-1 plan (bit-identical results whatever the batch
+        // size; faster in tract than one batched call, see docs/PERFORMANCE.md), the
+        // images split across the workers' run states.
+        self.pipeline.unet.run_images(
+            &mut self.unet_states,
+            &self.x,
+            call.timestep,
+            &mut self.out,
+            &self.pipeline.executor,
+        )?;
         let info = sampler
             .step(&mut self.x, &self.out, &mut self.work)
             .map_err(|e| match e {

@@ -174,6 +174,67 @@ impl Unet {
         self.run_in(&mut state, x, t, out, executor)
     }
 
+    /// Runs the U-Net on a batch (`x`: `n` images) image by image with batch-1 run
+    /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
+    /// images in turn on `executor`. Several: contiguous runs of images on scoped OS
+    /// threads, one state and one core each (tract's executor parallelises only the
+    /// matrix products; whole images keep every core busy). The result is the same
+    /// bits either way, and the same as each image run alone.
+    pub fn run_images(
+        &self,
+        states: &mut [UnetState],
+        x: &[f32],
+        t: u32,
+        out: &mut [f32],
+        executor: &tract_linalg::multithread::Executor,
+    ) -> Result<()> {
+        let [c, h, w] = self.sample_shape;
+        let il = c * h * w;
+        let n = x.len() / il;
+        let ol = self.out_channels * h * w;
+        if n == 0 || x.len() != n * il || out.len() != n * ol || states.is_empty() {
+            return Err(Error::Inference {
+                role: ROLE,
+                message: format!(
+                    "{} sample values and {} output values for images of {il} -> {ol} values, {} run states",
+                    x.len(),
+                    out.len(),
+                    states.len()
+                ),
+            });
+        }
+        if let [state] = states {
+            for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
+                self.run_in(state, xi, t, oi, executor)?;
+            }
+            return Ok(());
+        }
+        let per = n.div_ceil(states.len());
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = states
+                .iter_mut()
+                .zip(x.chunks(per * il).zip(out.chunks_mut(per * ol)))
+                .map(|(state, (xs, outs))| {
+                    scope.spawn(move || {
+                        let single = tract_linalg::multithread::Executor::SingleThread;
+                        for (xi, oi) in xs.chunks(il).zip(outs.chunks_mut(ol)) {
+                            self.run_in(state, xi, t, oi, &single)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Inference {
+                        role: ROLE,
+                        message: "a worker thread panicked".into(),
+                    })
+                })
+            })
+        })
+    }
+
     /// [`Self::run`] with a run state made by [`Self::state`], reused across steps.
     pub fn run_in(
         &self,

@@ -177,15 +177,34 @@ fn a_huge_declared_input_hits_the_memory_limit_before_allocation() {
 #[test]
 fn the_memory_limit_bounds_loading_and_generation() {
     let tiny = models().join("tiny");
-    // Below the tiny U-Net's declared weights (~0.7 MB): refused after parsing, before
-    // tract builds the weights.
-    match Pipeline::from_folder(&tiny, &opts(100_000)).unwrap_err() {
+    // Below the tiny U-Net's declared weights (~0.7 MB), loaded from memory (no file
+    // to size first): refused after parsing, before tract builds the weights.
+    let read = |f: &str| std::fs::read(tiny.join(f)).unwrap();
+    let (sched, manifest) = (read("scheduler_config.json"), read("esddpm.json"));
+    let (unet, prior, prior_cond) = (
+        read("unet.onnx"),
+        read("prior.onnx"),
+        read("prior_cond.onnx"),
+    );
+    let folder = MemoryFolder {
+        scheduler_config: std::str::from_utf8(&sched).unwrap(),
+        esddpm_config: std::str::from_utf8(&manifest).unwrap(),
+        files: [
+            ("unet.onnx".to_string(), &unet[..]),
+            ("prior.onnx".to_string(), &prior[..]),
+            ("prior_cond.onnx".to_string(), &prior_cond[..]),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    match Pipeline::from_memory(&folder, &opts(100_000)).unwrap_err() {
         Error::MemoryLimit { what, needed, .. } => {
-            assert!(what.contains("weights") || what.contains("file"), "{what}");
-            assert!(needed > 100_000);
+            assert_eq!(what, "the U-Net model's declared weights");
+            assert!(needed > 600_000 && needed < unet.len() as u64, "{needed}");
         }
         e => panic!("{e}"),
     }
+    assert!(Pipeline::from_memory(&folder, &opts(64 << 20)).is_ok());
     // The file itself is checked before it is read.
     match Pipeline::from_folder(&tiny, &opts(1000)).unwrap_err() {
         Error::MemoryLimit { what, .. } => assert!(what.contains("file"), "{what}"),

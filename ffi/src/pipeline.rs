@@ -3,8 +3,8 @@
 
 use crate::sampler::{sampler_of, start_of, EsdSamplerKind, EsdStart};
 use crate::status::{
-    c_str, guard, guard_void, init_params, non_null, read_params, slice, write_out, CallResult,
-    EsdStatus, Failure,
+    c_str, guard, guard_void, init_params, memory_limit_or_default, non_null, read_params, slice,
+    write_out, CallResult, EsdStatus, Failure,
 };
 use esddpm_runtime::{
     slerp, GenerateOptions, Images, LoadOptions, MemoryFolder, Pipeline, Progress, SamplerChoice,
@@ -274,10 +274,7 @@ fn load_options(params: *const EsdLoadParams) -> Result<LoadOptions, Failure> {
     let p = unsafe { read_params(params, EsdLoadParams::default(), size, "params")? };
     Ok(LoadOptions {
         threads: (p.threads != 0).then_some(p.threads as usize),
-        memory_limit: match p.memory_limit {
-            0 => esddpm_runtime::memory::DEFAULT_MEMORY_LIMIT,
-            n => n,
-        },
+        memory_limit: memory_limit_or_default(p.memory_limit),
     })
 }
 

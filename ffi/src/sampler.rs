@@ -15,8 +15,8 @@
 //! ```
 
 use crate::status::{
-    guard, guard_void, init_params, non_null, read_params, slice, write_out, CallResult, EsdStatus,
-    Failure,
+    guard, guard_void, init_params, memory_limit_or_default, non_null, read_params, slice,
+    write_out, CallResult, EsdStatus, Failure,
 };
 use esddpm_core::{
     BetaSchedule, ImageShape, Init, NoiseSchedule, PredictionType, Sampler, SamplerConfig,
@@ -314,9 +314,6 @@ fn sampler_kind(sampler: EsdSamplerKind, eta: f64, variance_type: VarianceType) 
     }
 }
 
-/// The default memory limit of a sampler: 4 GiB (the runtime's default too).
-const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
-
 impl EsdSampler {
     fn new(sp: &EsdSchedulerParams, p: &EsdSamplerParams) -> Result<Self, Failure> {
         let t = sp.num_train_timesteps as usize;
@@ -428,10 +425,7 @@ impl EsdSampler {
         // The buffers this sampler will hold (sample, workspace of up to 2 samples and
         // an image, the caller's model output of up to 2C channels) and its tables,
         // checked before any is allocated.
-        let limit = match p.memory_limit {
-            0 => DEFAULT_MEMORY_LIMIT,
-            n => n,
-        };
+        let limit = memory_limit_or_default(p.memory_limit);
         let needed = (shape.len() as u128 * 6 + shape.image_len() as u128) * 4
             + alphas_cumprod.len() as u128 * 8
             + chain.len() as u128 * 4;

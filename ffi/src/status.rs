@@ -270,6 +270,21 @@ pub(crate) unsafe fn c_str<'a>(p: *const c_char, name: &str) -> Result<&'a str, 
         .map_err(|e| Failure::new(EsdStatus::InvalidUtf8, format!("{name}: {e}")))
 }
 
+/// The C API's default memory limit (`memory_limit` 0): 4 GiB, the runtime's default
+/// (the sampler-only build has no runtime to ask).
+const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
+#[cfg(feature = "runtime")]
+const _: () = assert!(DEFAULT_MEMORY_LIMIT == esddpm_runtime::memory::DEFAULT_MEMORY_LIMIT);
+
+/// A params struct's `memory_limit`: 0 means the default.
+pub(crate) fn memory_limit_or_default(limit: u64) -> u64 {
+    if limit == 0 {
+        DEFAULT_MEMORY_LIMIT
+    } else {
+        limit
+    }
+}
+
 /// Reads a versioned parameter struct whose first field is `uint32_t struct_size`: the
 /// first `struct_size` bytes come from the caller (a struct from an older header, at
 /// least `min_size` bytes, leaves the newer fields at their defaults); `NULL` gives the
