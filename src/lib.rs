@@ -40,6 +40,7 @@ pub mod memory;
 pub mod model;
 pub mod pipeline;
 pub mod prior;
+pub mod rewrite;
 pub mod session;
 pub mod unet;
 

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
+use crate::rewrite;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -252,7 +253,9 @@ impl OnnxModel {
             for (i, f) in facts.into_iter().enumerate() {
                 m = m.with_input_fact(i, f)?;
             }
-            m.into_optimized()?.into_runnable()
+            let mut optimised = m.into_optimized()?;
+            rewrite::natural_const_strides(&mut optimised)?;
+            optimised.into_runnable()
         })?;
         let mut needed = memory::plan_memory(&plan);
         // tract keeps most weights inside its optimised operators (packed), not as
