@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench unet_forward -- [forward] MODEL C H W BATCH THREADS REPS
 //!     [--warmup N] [--t T] [--input FILE] [--output FILE]
+//!     [--path batched|per-image] [--plan-cache DIR]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
@@ -17,7 +18,8 @@
 //! timed loop (process CPU time from `getrusage` over wall time), the peak RSS (`VmHWM`)
 //! and the weights. `--input` reads BATCH*C*H*W little-endian f32 (else a seeded normal
 //! sample), `--output` writes the first forward's output the same way; the timestep is
-//! `--t` (default 500) for every sample.
+//! `--t` (default 500) for every sample. `--plan-cache DIR` loads through esddpm's plan
+//! cache (`OnnxModel::from_path_cached`): the first run fills DIR, the next starts from it.
 //!
 //! `profile`: one thread; times every node of the optimised plan (REPS profiled
 //! forwards after the warm-up) and aggregates by operator type, with the FLOPs tract
@@ -28,6 +30,7 @@
 //! (`es-ddim10`), or 1000 DDPM steps from noise (`ddpm1000`); ROUNDS timed calls of
 //! BATCH images after a warm-up call that makes the plans.
 
+use esddpm::cache::PlanCache;
 use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::OnnxModel;
 use esddpm::unet::Unet;
@@ -45,7 +48,7 @@ type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 fn usage() -> ! {
     eprintln!(
         "usage:\n  unet_forward [forward] MODEL C H W BATCH THREADS REPS [--warmup N] [--t T] \
-         [--input FILE] [--output FILE]\n  unet_forward profile MODEL C H W BATCH REPS \
+         [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T]\n  unet_forward e2e FOLDER MODE BATCH THREADS ROUNDS \
          (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
@@ -234,7 +237,11 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
 
     // Load to first step, from main(): read + parse, optimise, first forward.
     let t0 = Instant::now();
-    let model = OnnxModel::from_path(ModelRole::Unet, &path, DEFAULT_MEMORY_LIMIT)?;
+    // `--plan-cache DIR`: load through esddpm's plan cache (the first run fills it, a
+    // second run starts from it).
+    let cache = a.opts.get("plan-cache").map(PlanCache::new);
+    let model =
+        OnnxModel::from_path_cached(ModelRole::Unet, &path, DEFAULT_MEMORY_LIMIT, cache.as_ref())?;
     let parse_s = secs(t0);
     let t0 = Instant::now();
     // Unet::new checks the signature on the plan for batch 1 (optimised and cached).

@@ -247,6 +247,12 @@ typedef struct {
   // estimated and checked before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`).
   // 0 = the default, 4 GiB; `UINT64_MAX` = no limit.
   uint64_t memory_limit;
+  // A directory (UTF-8 path) for the plan cache: the first start saves tract's
+  // decluttered models there, later starts skip parsing and most of the
+  // optimisation (a cifar-size U-Net starts in 0.6 s instead of 0.9 s with about
+  // half the peak memory). Created if missing; keep it private to the application.
+  // NULL (default) = no cache.
+  const char *plan_cache;
 } EsdLoadParams;
 
 // Everything that defines one generation. Fill with `esd_generate_params_init`, then

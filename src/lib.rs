@@ -28,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod classifier;
 pub mod config;
 pub mod control;

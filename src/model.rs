@@ -1,12 +1,13 @@
 //! ONNX models through tract: loading from a path or bytes, reading the signature,
 //! and one optimised plan per batch size, made once and reused.
 
+use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::rewrite;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
@@ -83,15 +84,25 @@ fn error_for(role: ModelRole, what: &str, message: String) -> Error {
 }
 
 /// An ONNX model, parsed once; optimised plans are made per batch size on demand and
-/// cached.
+/// cached (and, with a [`PlanCache`], saved for the next start).
 pub struct OnnxModel {
     role: ModelRole,
-    proto: InferenceModel,
+    source: Mutex<Source>,
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
     memory_limit: u64,
     declared_weights: u64,
+    cache: Option<(PlanCache, String)>,
     plans: Mutex<HashMap<usize, (Arc<TypedSimplePlan>, PlanMemory)>>,
+}
+
+/// Where plans are made from.
+enum Source {
+    /// The parsed ONNX model.
+    Parsed(Box<InferenceModel>),
+    /// Not parsed yet: a start whose plans come from the plan cache reads the file only
+    /// if a plan is missing from it (the file must still hash to the key).
+    File(PathBuf),
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -119,6 +130,18 @@ impl OnnxModel {
     /// Reads and parses an ONNX file; `memory_limit` (bytes) bounds the file, its
     /// declared weights and every plan made from it (see [`crate::memory`]).
     pub fn from_path(role: ModelRole, path: &Path, memory_limit: u64) -> Result<Self> {
+        Self::from_path_cached(role, path, memory_limit, None)
+    }
+
+    /// [`Self::from_path`] with a plan cache: when the cache knows this file (by its
+    /// bytes' hash) the file is not parsed, and plans come from the cache's NNEF files
+    /// (see [`crate::cache`]).
+    pub fn from_path_cached(
+        role: ModelRole,
+        path: &Path,
+        memory_limit: u64,
+        cache: Option<&PlanCache>,
+    ) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -127,21 +150,82 @@ impl OnnxModel {
         memory::check(memory_limit, u128::from(size), || {
             format!("reading the {role} model file {}", path.display())
         })?;
-        let bytes = std::fs::read(path).map_err(io)?;
-        let pb = decode(role, &bytes)?;
-        // The file's bytes are not needed once decoded: one copy of the weights fewer
-        // at the load's peak.
-        drop(bytes);
-        Self::from_proto(role, pb, memory_limit)
+        let cache = match cache {
+            Some(c) => Some((c.clone(), PlanCache::key_of_file(path)?)),
+            None => None,
+        };
+        if let Some((c, key)) = &cache {
+            if let Some(meta) = c.read_meta(key) {
+                memory::check(memory_limit, u128::from(meta.declared_weights), || {
+                    format!("the {role} model's declared weights")
+                })?;
+                return Ok(Self::new(
+                    role,
+                    Source::File(path.to_path_buf()),
+                    meta,
+                    memory_limit,
+                    cache,
+                ));
+            }
+        }
+        let (parsed, meta) = Self::parse_file(role, path, memory_limit)?;
+        if let Some((c, key)) = &cache {
+            c.write_meta(key, &meta)?;
+        }
+        Ok(Self::new(role, parsed, meta, memory_limit, cache))
     }
 
     /// Parses an ONNX model from memory (a game's asset pack, say), under
     /// `memory_limit` bytes.
     pub fn from_bytes(role: ModelRole, bytes: &[u8], memory_limit: u64) -> Result<Self> {
-        Self::from_proto(role, decode(role, bytes)?, memory_limit)
+        Self::from_bytes_cached(role, bytes, memory_limit, None)
     }
 
-    fn from_proto(role: ModelRole, pb: pb::ModelProto, memory_limit: u64) -> Result<Self> {
+    /// [`Self::from_bytes`] with a plan cache: the bytes are parsed (they are not kept),
+    /// the plans come from the cache when present.
+    pub fn from_bytes_cached(
+        role: ModelRole,
+        bytes: &[u8],
+        memory_limit: u64,
+        cache: Option<&PlanCache>,
+    ) -> Result<Self> {
+        let (parsed, meta) = Self::parse(role, decode(role, bytes)?, memory_limit)?;
+        let cache = cache.map(|c| (c.clone(), PlanCache::key_of_bytes(bytes)));
+        Ok(Self::new(role, parsed, meta, memory_limit, cache))
+    }
+
+    fn new(
+        role: ModelRole,
+        source: Source,
+        meta: Meta,
+        memory_limit: u64,
+        cache: Option<(PlanCache, String)>,
+    ) -> Self {
+        Self {
+            role,
+            source: Mutex::new(source),
+            inputs: meta.inputs,
+            outputs: meta.outputs,
+            memory_limit,
+            declared_weights: meta.declared_weights,
+            cache,
+            plans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn parse_file(role: ModelRole, path: &Path, memory_limit: u64) -> Result<(Source, Meta)> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let pb = decode(role, &bytes)?;
+        // The file's bytes are not needed once decoded: one copy of the weights fewer
+        // at the load's peak.
+        drop(bytes);
+        Self::parse(role, pb, memory_limit)
+    }
+
+    fn parse(role: ModelRole, pb: pb::ModelProto, memory_limit: u64) -> Result<(Source, Meta)> {
         let onnx = tract_onnx::onnx();
         // The weights as declared, before tract builds a tensor of any of them.
         let declared = memory::declared_weight_bytes(&pb);
@@ -173,15 +257,44 @@ impl OnnxModel {
                 describe(fact, name)
             })
             .collect();
-        Ok(Self {
-            role,
-            proto,
+        let meta = Meta {
             inputs,
             outputs,
-            memory_limit,
             declared_weights,
-            plans: Mutex::new(HashMap::new()),
-        })
+        };
+        Ok((Source::Parsed(Box::new(proto)), meta))
+    }
+
+    /// The parsed model, parsing the file first if this start came from the cache.
+    fn parsed(&self) -> Result<InferenceModel> {
+        let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Source::File(path) = &*source {
+            let role = self.role;
+            if let Some((_, key)) = &self.cache {
+                if PlanCache::key_of_file(path)? != *key {
+                    return Err(Error::ModelLoad {
+                        role,
+                        message: format!(
+                            "{} changed since it was loaded; load it again",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+            let (parsed, _) = Self::parse_file(role, path, self.memory_limit)?;
+            *source = parsed;
+        }
+        match &*source {
+            Source::Parsed(m) => Ok((**m).clone()),
+            Source::File(_) => unreachable!("parsed above"),
+        }
+    }
+
+    /// Whether the ONNX file has been parsed in this process: false after a start whose
+    /// plans all came from the plan cache ([`crate::cache`]).
+    pub fn is_parsed(&self) -> bool {
+        let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(&*source, Source::Parsed(_))
     }
 
     /// The memory limit this model was loaded with, in bytes.
@@ -247,16 +360,7 @@ impl OnnxModel {
         memory::check(self.memory_limit, input_bytes, || {
             format!("the {role} model's inputs at batch {batch}")
         })?;
-        let proto = self.proto.clone();
-        let plan = guarded(self.role, "optimise", move || {
-            let mut m = proto;
-            for (i, f) in facts.into_iter().enumerate() {
-                m = m.with_input_fact(i, f)?;
-            }
-            let mut optimised = m.into_optimized()?;
-            rewrite::natural_const_strides(&mut optimised)?;
-            optimised.into_runnable()
-        })?;
+        let plan = self.make_plan(batch, facts)?;
         let mut needed = memory::plan_memory(&plan);
         // tract keeps most weights inside its optimised operators (packed), not as
         // `Const` nodes: count at least what the file declares.
@@ -267,6 +371,63 @@ impl OnnxModel {
         plans.insert(batch, (plan.clone(), needed));
         Ok((plan, needed))
     }
+
+    /// Optimises the model for `facts`: from the plan cache's decluttered model when it
+    /// has one, else from the ONNX model (saving the decluttered model to the cache).
+    fn make_plan(&self, batch: usize, facts: Vec<InferenceFact>) -> Result<Arc<TypedSimplePlan>> {
+        let role = self.role;
+        let cached = self.cache.as_ref().map(|(c, key)| {
+            let path = c.plan_path(key, batch, &facts);
+            let model = c.read_model(role, &path, &facts, self.memory_limit);
+            (c, path, model)
+        });
+        let decluttered = match cached {
+            Some((_, _, Some(model))) => model,
+            other => {
+                let proto = self.parsed()?;
+                let model = guarded(role, "optimise", move || {
+                    let mut m = proto;
+                    for (i, f) in facts.into_iter().enumerate() {
+                        m = m.with_input_fact(i, f)?;
+                    }
+                    m.into_typed()?.into_decluttered()
+                })?;
+                if let Some((c, path, None)) = other {
+                    c.write_model(&path, &model)?;
+                }
+                model
+            }
+        };
+        // Both sources are decluttered already: what is left is tract's codegen.
+        guarded(role, "optimise", move || {
+            let mut optimised = decluttered;
+            optimised.optimize()?;
+            rewrite::natural_const_strides(&mut optimised)?;
+            optimised.into_runnable()
+        })
+    }
+}
+
+/// FLOPs of one run of `plan` as tract counts them: 2 per multiply-add of every node
+/// (`TypedOp::cost`); nodes whose cost is symbolic count 0.
+pub fn plan_flops(plan: &TypedSimplePlan) -> f64 {
+    let model = plan.model();
+    model
+        .nodes()
+        .iter()
+        .filter_map(|node| {
+            let facts = model.node_input_facts(node.id).ok()?;
+            let costs = node.op.cost(&facts).ok()?;
+            Some(
+                costs
+                    .iter()
+                    .filter(|(c, _)| matches!(c, tract_onnx::tract_core::ops::Cost::FMA(_)))
+                    .filter_map(|(_, n)| n.to_i64().ok())
+                    .sum::<i64>() as f64
+                    * 2.0,
+            )
+        })
+        .sum()
 }
 
 /// The concrete output shape of a plan's first output.

