@@ -11,8 +11,9 @@
 //!
 //! A start with the cache reads the ONNX file only to hash it; the plan comes from the
 //! NNEF file and tract's codegen pass. On the cifar-size U-Net that takes load-to-first-
-//! step from 0.9 s to about 0.6 s and the peak RSS from 2.4x to about 1.3x the weights
-//! (docs/PERFORMANCE.md). The outputs are the same bits as without the cache (tested).
+//! step from 0.83 s to 0.59 s and the peak RSS from 2.42x to 1.48x the weights
+//! (docs/PERFORMANCE.md); a first start pays ~0.2 s to write the entry. The outputs are
+//! the same bits as without the cache (tested).
 //!
 //! Entries are keyed by the model's bytes, the cache format and esddpm's version, so a
 //! changed model or a new esddpm never reads a stale entry. A missing, truncated or
