@@ -27,6 +27,7 @@ use crate::model::IoDesc;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use xxhash_rust::xxh3::Xxh3;
@@ -194,10 +195,13 @@ impl PlanCache {
             move |source| Error::Io { path: p, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        // Unique per process and write (not `thread::current()`, whose lazily made handle
+        // of the main thread Valgrind reports as lost).
+        static WRITES: AtomicU64 = AtomicU64::new(0);
         let tmp = path.with_extension(format!(
-            "tmp{}-{:?}",
+            "tmp{}-{}",
             std::process::id(),
-            std::thread::current().id()
+            WRITES.fetch_add(1, Ordering::Relaxed)
         ));
         let result = (|| {
             let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;

@@ -33,8 +33,7 @@ pub struct EsdLoadParams {
     /// decluttered models there, later starts skip parsing and most of the
     /// optimisation (a cifar-size U-Net starts in 0.59 s instead of 0.83 s, its peak
     /// memory 211 MB instead of 346 MB). Created if missing; keep it private to the
-    /// application.
-    /// NULL (default) = no cache.
+    /// application. Read during the call only. NULL (default) = no cache.
     pub plan_cache: *const c_char,
 }
 
