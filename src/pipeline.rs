@@ -18,7 +18,10 @@ use tract_linalg::multithread::Executor;
 /// How a pipeline is loaded.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Threads for tract's matrix products; `None` = the number of physical cores.
+    /// Threads: a batch's images are split across them (one core each); a lone image
+    /// uses them in tract's matrix products when the U-Net is large enough for that to
+    /// pay ([`crate::unet::Unet::threads_pay_at_batch_1`]). `None` = the number of
+    /// physical cores.
     pub threads: Option<usize>,
     /// The most memory, in bytes, that loading a model or running one generation may
     /// need: model files, declared weights, inputs and planned activations are

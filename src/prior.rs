@@ -1,6 +1,6 @@
-//! The prior: a GAN generator or VAE decoder that maps a latent `z` ([N, D] or
-//! [N, c, h, w], f32), and optionally an int64 class label [N], to an image
-//! [N, C, H, W] in a declared range, which is mapped to [-1, 1].
+//! The prior: a GAN generator or VAE decoder that maps a latent `z` (`[N, D]` or
+//! `[N, c, h, w]`, f32), and optionally an int64 class label `[N]`, to an image
+//! `[N, C, H, W]` in a declared range, which is mapped to `[-1, 1]`.
 
 use crate::config::{OutputRange, PriorEntry};
 use crate::error::{Error, ModelRole, Result};

@@ -1,4 +1,4 @@
-//! The denoising U-Net: `sample` [N, C, H, W] f32 and `timestep` (int64 or f32, [N] or
+//! The denoising U-Net: `sample` `[N, C, H, W]` f32 and `timestep` (int64 or f32, `[N]` or
 //! scalar) in, C channels (epsilon, x0 or v) or 2C (learned variance) out.
 
 use crate::error::{Error, ModelRole, Result};
