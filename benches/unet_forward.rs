@@ -6,7 +6,9 @@
 //! cargo bench --bench unet_forward -- [forward] MODEL C H W BATCH THREADS REPS
 //!     [--warmup N] [--t T] [--input FILE] [--output FILE]
 //!     [--path batched|per-image] [--plan-cache DIR]
+//!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
+//!     [--rewrite off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -20,10 +22,14 @@
 //! sample), `--output` writes the first forward's output the same way; the timestep is
 //! `--t` (default 500) for every sample. `--plan-cache DIR` loads through esddpm's plan
 //! cache (`OnnxModel::from_path_cached`): the first run fills DIR, the next starts from it.
+//! `--tract-thresholds P,M,E` sets tract's process-wide threading gates first (matmul
+//! panels, matmul multiply-adds, elementwise elements; tract's defaults 64, 2^21, 32768),
+//! to see whether any setting makes its executor pay.
 //!
 //! `profile`: one thread; times every node of the optimised plan (REPS profiled
 //! forwards after the warm-up) and aggregates by operator type, with the FLOPs tract
-//! counts for each node (`TypedOp::cost`, 2 FLOP per FMA).
+//! counts for each node (`TypedOp::cost`, 2 FLOP per FMA). `--rewrite off` profiles
+//! tract's own plan for the same inputs, without esddpm's load-time rewrites.
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -32,7 +38,7 @@
 
 use esddpm::cache::PlanCache;
 use esddpm::memory::DEFAULT_MEMORY_LIMIT;
-use esddpm::model::OnnxModel;
+use esddpm::model::{node_flops, OnnxModel};
 use esddpm::unet::Unet;
 use esddpm::{GenerateOptions, LoadOptions, ModelRole, Pipeline, SamplerChoice, Start};
 use serde_json::{json, Value};
@@ -48,9 +54,10 @@ type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 fn usage() -> ! {
     eprintln!(
         "usage:\n  unet_forward [forward] MODEL C H W BATCH THREADS REPS [--warmup N] [--t T] \
-         [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR]\n  unet_forward profile MODEL C H W BATCH REPS \
-         [--warmup N] [--t T]\n  unet_forward e2e FOLDER MODE BATCH THREADS ROUNDS \
-         (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
+         [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
+         [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
+         [--warmup N] [--t T] [--rewrite off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
 }
@@ -223,6 +230,18 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     let (batch, threads, reps): (usize, usize, usize) = (a.num(4), a.num(5), a.num(6));
     let warmup: usize = a.opt("warmup", 2);
     let t: u32 = a.opt("t", 500);
+    if let Some(v) = a.opts.get("tract-thresholds") {
+        let v: Vec<usize> = v
+            .split(',')
+            .map(|x| x.parse().unwrap_or_else(|_| usage()))
+            .collect();
+        let [panels, macs, elements] = v[..] else {
+            usage()
+        };
+        tract_linalg::multithread::set_threading_panel_threshold(panels);
+        tract_linalg::multithread::set_threading_mac_threshold(macs);
+        tract_linalg::multithread::set_threading_element_threshold(elements);
+    }
     let exec = executor(threads);
     // `--path batched` (default): one forward of the batch-`batch` plan, tract's executor
     // with `threads` threads. `--path per-image`: esddpm's own batch path
@@ -230,7 +249,7 @@ fn forward(t_main: Instant, a: &Args) -> Res<Value> {
     // min(threads, batch) OS threads, one single-threaded run state each.
     let per_image = a.opts.get("path").map(String::as_str) == Some("per-image");
     let workers = if per_image {
-        threads.clamp(1, batch)
+        esddpm::session::workers(threads, batch)
     } else {
         1
     };
@@ -426,6 +445,17 @@ fn profile(a: &Args) -> Res<Value> {
     let model = OnnxModel::from_path(ModelRole::Unet, &path, DEFAULT_MEMORY_LIMIT)?;
     let unet = Unet::new(model, shape)?;
     let plan = unet.plan(batch)?;
+    // `--rewrite off`: tract's own plan for the same input facts, without esddpm's
+    // load-time rewrites (`esddpm::rewrite`), to measure what they gain.
+    let plan = if a.opts.get("rewrite").map(String::as_str) == Some("off") {
+        let mut m = tract_onnx::onnx().model_for_path(&path)?;
+        for i in 0..plan.model().inputs.len() {
+            m = m.with_input_fact(i, plan.model().input_fact(i)?.clone().into())?;
+        }
+        m.into_optimized()?.into_runnable()?
+    } else {
+        plan
+    };
     let model = plan.model();
 
     // The inputs in the model's order, as esddpm makes them.
@@ -506,19 +536,7 @@ fn profile(a: &Args) -> Res<Value> {
     let mut total_flop = 0f64;
     for node in model.nodes() {
         let ms = node_s[node.id] * 1e3 / reps as f64;
-        let facts = model.node_input_facts(node.id)?;
-        let fma: f64 = node
-            .op
-            .cost(&facts)
-            .map(|costs| {
-                costs
-                    .iter()
-                    .filter(|(c, _)| matches!(c, tract_onnx::tract_core::ops::Cost::FMA(_)))
-                    .filter_map(|(_, n)| n.to_i64().ok())
-                    .sum::<i64>() as f64
-            })
-            .unwrap_or(0.0);
-        let flop = 2.0 * fma;
+        let flop = node_flops(model, node);
         total_flop += flop;
         let op = node.op.name().to_string();
         let cat = category(&op, &node.name);

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use xxhash_rust::xxh3::Xxh3;
@@ -220,34 +221,26 @@ impl PlanCache {
     }
 }
 
-/// tract's NNEF with its core (on by default) and ONNX-operator extensions (what a decluttered ONNX
-/// model can hold).
-fn nnef() -> tract_nnef::framework::Nnef {
+/// tract's NNEF with its core (on by default) and ONNX-operator extensions (what a
+/// decluttered ONNX model can hold), built once per process: its operator registries
+/// take milliseconds to build, and a start reads or writes one entry per model.
+fn nnef() -> &'static tract_nnef::framework::Nnef {
     use tract_onnx::WithOnnx;
-    tract_nnef::nnef().with_onnx()
+    static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
+    NNEF.get_or_init(|| tract_nnef::nnef().with_onnx())
 }
 
-/// Element types a meta file names (the ones an ONNX input or output may have).
-const DTYPES: &[(DatumType, &str)] = &[
-    (DatumType::Bool, "bool"),
-    (DatumType::U8, "u8"),
-    (DatumType::U16, "u16"),
-    (DatumType::U32, "u32"),
-    (DatumType::U64, "u64"),
-    (DatumType::I8, "i8"),
-    (DatumType::I16, "i16"),
-    (DatumType::I32, "i32"),
-    (DatumType::I64, "i64"),
-    (DatumType::F16, "f16"),
-    (DatumType::F32, "f32"),
-    (DatumType::F64, "f64"),
-    (DatumType::String, "string"),
-];
+/// An element type as a meta file names it: tract's own name (`F32`, `I64`, ...), kept
+/// only when tract parses it back to the same type.
+fn dtype_name(dt: DatumType) -> Option<String> {
+    let name = format!("{dt:?}");
+    (name.parse::<DatumType>().ok()? == dt).then_some(name)
+}
 
 fn io_to_json(d: &IoDesc) -> Option<Value> {
     let dtype = match d.dtype {
         None => Value::Null,
-        Some(dt) => Value::from(DTYPES.iter().find(|(t, _)| *t == dt)?.1),
+        Some(dt) => Value::from(dtype_name(dt)?),
     };
     Some(json!({ "name": d.name, "dtype": dtype, "dims": d.dims }))
 }
@@ -255,7 +248,7 @@ fn io_to_json(d: &IoDesc) -> Option<Value> {
 fn io_from_json(v: &Value) -> Option<IoDesc> {
     let dtype = match &v["dtype"] {
         Value::Null => None,
-        Value::String(s) => Some(DTYPES.iter().find(|(_, n)| n == s)?.0),
+        Value::String(s) => Some(s.parse::<DatumType>().ok()?),
         _ => return None,
     };
     let dims = match &v["dims"] {

@@ -376,14 +376,16 @@ impl OnnxModel {
     /// has one, else from the ONNX model (saving the decluttered model to the cache).
     fn make_plan(&self, batch: usize, facts: Vec<InferenceFact>) -> Result<Arc<TypedSimplePlan>> {
         let role = self.role;
-        let cached = self.cache.as_ref().map(|(c, key)| {
-            let path = c.plan_path(key, batch, &facts);
-            let model = c.read_model(role, &path, &facts, self.memory_limit);
-            (c, path, model)
-        });
-        let decluttered = match cached {
-            Some((_, _, Some(model))) => model,
-            other => {
+        let entry = self
+            .cache
+            .as_ref()
+            .map(|(c, key)| (c, c.plan_path(key, batch, &facts)));
+        let from_cache = entry
+            .as_ref()
+            .and_then(|(c, path)| c.read_model(role, path, &facts, self.memory_limit));
+        let decluttered = match from_cache {
+            Some(model) => model,
+            None => {
                 let proto = self.parsed()?;
                 let model = guarded(role, "optimise", move || {
                     let mut m = proto;
@@ -392,8 +394,8 @@ impl OnnxModel {
                     }
                     m.into_typed()?.into_decluttered()
                 })?;
-                if let Some((c, path, None)) = other {
-                    c.write_model(&path, &model)?;
+                if let Some((c, path)) = &entry {
+                    c.write_model(path, &model)?;
                 }
                 model
             }
@@ -408,26 +410,27 @@ impl OnnxModel {
     }
 }
 
-/// FLOPs of one run of `plan` as tract counts them: 2 per multiply-add of every node
-/// (`TypedOp::cost`); nodes whose cost is symbolic count 0.
+/// FLOPs of one node of `model` as tract counts them: 2 per multiply-add
+/// (`TypedOp::cost`); 0 when its cost is symbolic or unknown.
+pub fn node_flops(model: &TypedModel, node: &TypedNode) -> f64 {
+    let Ok(facts) = model.node_input_facts(node.id) else {
+        return 0.0;
+    };
+    let Ok(costs) = node.op.cost(&facts) else {
+        return 0.0;
+    };
+    let fma: i64 = costs
+        .iter()
+        .filter(|(c, _)| matches!(c, tract_onnx::tract_core::ops::Cost::FMA(_)))
+        .filter_map(|(_, n)| n.to_i64().ok())
+        .sum();
+    2.0 * fma as f64
+}
+
+/// FLOPs of one run of `plan`: [`node_flops`] summed over its nodes.
 pub fn plan_flops(plan: &TypedSimplePlan) -> f64 {
     let model = plan.model();
-    model
-        .nodes()
-        .iter()
-        .filter_map(|node| {
-            let facts = model.node_input_facts(node.id).ok()?;
-            let costs = node.op.cost(&facts).ok()?;
-            Some(
-                costs
-                    .iter()
-                    .filter(|(c, _)| matches!(c, tract_onnx::tract_core::ops::Cost::FMA(_)))
-                    .filter_map(|(_, n)| n.to_i64().ok())
-                    .sum::<i64>() as f64
-                    * 2.0,
-            )
-        })
-        .sum()
+    model.nodes().iter().map(|n| node_flops(model, n)).sum()
 }
 
 /// The concrete output shape of a plan's first output.

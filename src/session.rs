@@ -54,8 +54,9 @@ fn build_sampler<'a>(
     Ok(s)
 }
 
-/// Worker threads for a batch: one per tract thread, at most one per image.
-pub(crate) fn workers(threads: usize, batch: usize) -> usize {
+/// Batch-1 run states (worker threads) a session uses for `batch` images on `threads`
+/// threads: one per thread, at most one per image ([`crate::unet::Unet::run_images`]).
+pub fn workers(threads: usize, batch: usize) -> usize {
     if batch < 2 {
         1
     } else {

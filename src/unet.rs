@@ -25,8 +25,9 @@ pub struct Unet {
 /// Below this many FLOPs per batch-1 forward, a lone image runs on one thread even when
 /// the pipeline has several: tract's executor splits only the matrix products, and
 /// on small ones the hand-offs cost more than they gain. Measured (2-core AMD EPYC,
-/// docs/PERFORMANCE.md): the shipped U-Net (0.22 GFLOP) takes 5.6 ms on one thread and
-/// 8.5 ms on two; the ddpm-cifar10 U-Net (12 GFLOP) 150 ms and 101 ms.
+/// docs/PERFORMANCE.md): the shipped U-Net (0.22 GFLOP) takes 5.0-5.3 ms on one thread
+/// and 6.3-6.6 ms on two; the ddpm-cifar10 U-Net (12 GFLOP) 155 ms and 108 ms. Only
+/// these two U-Nets were measured: one between them may sit on the wrong side.
 pub const MIN_FLOPS_FOR_THREADS: f64 = 2e9;
 
 fn sig_err(message: String) -> Error {
@@ -198,10 +199,10 @@ impl Unet {
     /// Runs the U-Net on a batch (`x`: `n` images) image by image with batch-1 run
     /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
     /// images in turn on `executor` (on one thread when the U-Net is too small for
-    /// threads to pay, [`Self::threads_pay_at_batch_1`]). Several: contiguous runs of images on scoped OS
-    /// threads, one state and one core each (tract's executor parallelises only the
-    /// matrix products; whole images keep every core busy). The result is the same
-    /// bits either way, and the same as each image run alone.
+    /// threads to pay, [`Self::threads_pay_at_batch_1`]). Several: contiguous runs of
+    /// images on scoped OS threads, one state and one core each (tract's executor
+    /// parallelises only the matrix products; whole images keep every core busy). The
+    /// result is the same bits either way, and the same as each image run alone.
     pub fn run_images(
         &self,
         states: &mut [UnetState],

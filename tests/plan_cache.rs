@@ -140,21 +140,35 @@ fn a_model_file_changed_after_a_cached_start_is_an_error_not_a_stale_plan() {
 }
 
 #[test]
-fn the_memory_limit_holds_on_a_cached_start() {
+fn the_memory_limit_holds_on_a_plan_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("plans");
-    drop(load(Some(&cache)));
-    // A start from the cache is bounded like any other (the U-Net file is 854 KB).
-    let err = Pipeline::from_folder(
-        shipped(),
-        &LoadOptions {
-            threads: Some(1),
-            plan_cache: Some(cache.clone()),
-            memory_limit: 600_000,
-        },
-    )
-    .unwrap_err();
-    assert!(matches!(err, Error::MemoryLimit { .. }), "{err}");
+    let cache = PlanCache::new(dir.path().join("plans"));
+    let file = shipped().join("unet.onnx");
+    let unlimited =
+        OnnxModel::from_path_cached(ModelRole::Unet, &file, memory::UNLIMITED, Some(&cache))
+            .unwrap();
+    let needed = Unet::new(unlimited, [1, 32, 32])
+        .unwrap()
+        .memory(1)
+        .unwrap()
+        .total();
+    // A limit of the file's size passes the file check and the declared weights, so
+    // only the batch-1 plan, read from the cache this time, can be over it.
+    let limit = std::fs::metadata(&file).unwrap().len();
+    assert!(needed > limit, "plan {needed} bytes, file {limit} bytes");
+    let m = OnnxModel::from_path_cached(ModelRole::Unet, &file, limit, Some(&cache)).unwrap();
+    assert!(!m.is_parsed());
+    match Unet::new(m, [1, 32, 32]) {
+        Err(Error::MemoryLimit {
+            what,
+            needed: n,
+            limit: l,
+        }) => {
+            assert!(what.contains("at batch 1"), "{what}");
+            assert_eq!((n, l), (needed, limit));
+        }
+        other => panic!("expected MemoryLimit, got {:?}", other.map(|_| ())),
+    }
 }
 
 #[test]

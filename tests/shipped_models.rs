@@ -13,16 +13,20 @@ fn folder() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/fashion")
 }
 
-#[test]
-fn tract_matches_onnxruntime_on_the_shipped_models() {
-    let p = Pipeline::from_folder(
+fn load(threads: usize) -> Pipeline {
+    Pipeline::from_folder(
         folder(),
         &LoadOptions {
-            threads: Some(1),
+            threads: Some(threads),
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn tract_matches_onnxruntime_on_the_shipped_models() {
+    let p = load(1);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(folder().join("reference.json")).unwrap())
             .unwrap();
@@ -62,14 +66,7 @@ fn tract_matches_onnxruntime_on_the_shipped_models() {
 
 #[test]
 fn es_ddpm_runs_with_each_shipped_prior() {
-    let p = Pipeline::from_folder(
-        folder(),
-        &LoadOptions {
-            threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p = load(1);
     assert_eq!(p.image_shape(), [1, 32, 32]);
     assert!(p.warnings().is_empty(), "{:?}", p.warnings());
     for prior in ["gan", "vae"] {
@@ -98,27 +95,13 @@ fn es_ddpm_runs_with_each_shipped_prior() {
 
 #[test]
 fn the_shipped_unet_is_too_small_for_threads_at_batch_1() {
-    let p = Pipeline::from_folder(
-        folder(),
-        &LoadOptions {
-            threads: Some(2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let p = load(2);
     // tract counts 0.224 GFLOP per forward (docs/PERFORMANCE.md's profile).
     let flops = p.unet().forward_flops();
     assert!((2.0e8..2.5e8).contains(&flops), "{flops}");
     assert!(!p.unet().threads_pay_at_batch_1());
     // A lone image on two threads is the same bits as on one.
-    let one = Pipeline::from_folder(
-        folder(),
-        &LoadOptions {
-            threads: Some(1),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let one = load(1);
     let o = GenerateOptions {
         seed: 3,
         steps: Some(3),
