@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use xxhash_rust::xxh3::Xxh3;
@@ -36,10 +36,19 @@ use xxhash_rust::xxh3::Xxh3;
 /// Bumped whenever what an entry holds, or how it is read, changes.
 const FORMAT: u32 = 1;
 
-/// A plan cache directory (created on first write).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A plan cache directory (created on first write). Clones share tract's NNEF framework
+/// (its operator registries take ~8 ms to build), built on first use and freed with the
+/// last clone: one build per pipeline load, not one per model.
+#[derive(Clone)]
 pub struct PlanCache {
     dir: PathBuf,
+    nnef: Arc<OnceLock<tract_nnef::framework::Nnef>>,
+}
+
+impl std::fmt::Debug for PlanCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlanCache").field("dir", &self.dir).finish()
+    }
 }
 
 /// What loading learnt from a model's ONNX file, kept in `K.json`.
@@ -53,7 +62,17 @@ pub(crate) struct Meta {
 impl PlanCache {
     /// A cache in `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            nnef: Arc::default(),
+        }
+    }
+
+    /// tract's NNEF with its core (on by default) and ONNX-operator extensions (what a
+    /// decluttered ONNX model can hold).
+    fn nnef(&self) -> &tract_nnef::framework::Nnef {
+        use tract_onnx::WithOnnx;
+        self.nnef.get_or_init(|| tract_nnef::nnef().with_onnx())
     }
 
     /// The directory.
@@ -163,7 +182,8 @@ impl PlanCache {
         if size > memory_limit {
             return None;
         }
-        let model = crate::model::guarded(role, "cache", || nnef().model_for_path(path)).ok()?;
+        let model =
+            crate::model::guarded(role, "cache", || self.nnef().model_for_path(path)).ok()?;
         let inputs = model.input_outlets().ok()?;
         if inputs.len() != facts.len() {
             return None;
@@ -181,7 +201,7 @@ impl PlanCache {
 
     /// Saves a decluttered model to `path`.
     pub(crate) fn write_model(&self, path: &Path, model: &TypedModel) -> Result<()> {
-        self.write_atomic(path, |w| nnef().write_to_tar(model, w).map(drop))
+        self.write_atomic(path, |w| self.nnef().write_to_tar(model, w).map(drop))
     }
 
     /// Writes through a temporary file in the cache directory, then renames it over
@@ -219,15 +239,6 @@ impl PlanCache {
         }
         result
     }
-}
-
-/// tract's NNEF with its core (on by default) and ONNX-operator extensions (what a
-/// decluttered ONNX model can hold), built once per process: its operator registries
-/// take milliseconds to build, and a start reads or writes one entry per model.
-fn nnef() -> &'static tract_nnef::framework::Nnef {
-    use tract_onnx::WithOnnx;
-    static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
-    NNEF.get_or_init(|| tract_nnef::nnef().with_onnx())
 }
 
 /// An element type as a meta file names it: tract's own name (`F32`, `I64`, ...), kept
