@@ -8,7 +8,7 @@
 //!     [--path batched|per-image] [--plan-cache DIR]
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
-//!     [--rewrite off]
+//!     [--rewrite off|strides|all]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -29,7 +29,9 @@
 //! `profile`: one thread; times every node of the optimised plan (REPS profiled
 //! forwards after the warm-up) and aggregates by operator type, with the FLOPs tract
 //! counts for each node (`TypedOp::cost`, 2 FLOP per FMA). `--rewrite off` profiles
-//! tract's own plan for the same inputs, without esddpm's load-time rewrites.
+//! tract's own plan for the same inputs, without esddpm's load-time rewrites;
+//! `--rewrite strides` esddpm's plan without its direct convolutions
+//! (`esddpm::direct_conv`); `all` (the default) esddpm's plan.
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -56,7 +58,7 @@ fn usage() -> ! {
         "usage:\n  unet_forward [forward] MODEL C H W BATCH THREADS REPS [--warmup N] [--t T] \
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
-         [--warmup N] [--t T] [--rewrite off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--warmup N] [--t T] [--rewrite off|strides|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -447,14 +449,26 @@ fn profile(a: &Args) -> Res<Value> {
     let plan = unet.plan(batch)?;
     // `--rewrite off`: tract's own plan for the same input facts, without esddpm's
     // load-time rewrites (`esddpm::rewrite`), to measure what they gain.
-    let plan = if a.opts.get("rewrite").map(String::as_str) == Some("off") {
+    // `--rewrite strides`: esddpm's plan without the direct convolutions
+    // (`esddpm::direct_conv`), to measure what they gain.
+    let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
+    let plan = if rewrite == "all" {
+        plan
+    } else {
         let mut m = tract_onnx::onnx().model_for_path(&path)?;
         for i in 0..plan.model().inputs.len() {
             m = m.with_input_fact(i, plan.model().input_fact(i)?.clone().into())?;
         }
-        m.into_optimized()?.into_runnable()?
-    } else {
-        plan
+        match rewrite {
+            "off" => m.into_optimized()?.into_runnable()?,
+            "strides" => {
+                let mut m = m.into_typed()?.into_decluttered()?;
+                m.optimize()?;
+                esddpm::rewrite::natural_const_strides(&mut m)?;
+                m.into_runnable()?
+            }
+            _ => usage(),
+        }
     };
     let model = plan.model();
 

@@ -33,6 +33,7 @@ pub mod classifier;
 pub mod config;
 pub mod control;
 pub mod dataset;
+pub mod direct_conv;
 pub mod error;
 pub mod eval;
 pub mod fid;

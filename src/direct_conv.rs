@@ -1,0 +1,765 @@
+//! A direct convolution for the small convolutions of small U-Nets, which tract lowers
+//! poorly (issue 6, lever 6 in `docs/PERFORMANCE.md`).
+//!
+//! tract turns a convolution into a matrix product `W[Cout, Cin·kh·kw] · im2col(x)`
+//! with the im2col operand packed on the fly. With few output channels (`Cout` ≤ 32)
+//! that packing costs as much as the product: each input value is gathered `kh·kw`
+//! times for only `Cout` multiply-adds, and the shipped U-Net's 16- and 32-channel
+//! convolutions ran at 40-55 GFLOP/s where its 64-channel ones reach 85.
+//!
+//! [`DirectConv`] computes the same sum without the gather:
+//!
+//! ```text
+//! y[n, o, i, j] = b[o] + Σ_c Σ_dy Σ_dx W[o, c, dy, dx] · xp[n, c, i + dy, j + dx]
+//! ```
+//!
+//! where `xp` is the input zero-padded once into a scratch buffer the op keeps between
+//! runs. A register tile holds `L` neighbouring outputs of a row for `B` output channels;
+//! each tap loads `L` inputs once and broadcasts `B` weights (laid out per tile at load
+//! time). Every output is fused multiply-adds in the order `(c, dy, dx)` from zero,
+//! then `+ b[o]`, whichever tile runs, so the result is the same bit for bit on
+//! every x86-64 machine with AVX2 and FMA (it differs from tract's in the last bits:
+//! another summation order).
+//!
+//! [`use_direct_convs`] swaps it in at load time where it was measured to win: f32,
+//! NCHW, one group, stride and dilation 1, a kernel of 2 taps or more, constant weights,
+//! a constant bias or one computed at run time (tract folds a ResNet block's timestep
+//! embedding into its first convolution's bias at batch 1), at most
+//! [`MAX_OUTPUT_CHANNELS`] output channels (a last partial tile of channels is computed
+//! on zero weights and not stored), an output row in a multiple of the tile's width, on
+//! x86-64 with AVX2 and FMA. Everything else, and every other CPU, stays with tract.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+/// The most output channels a convolution may have to run directly. Measured on the
+/// shipped U-Net (`cargo bench --bench unet_forward -- profile ...`, 2-core AMD EPYC):
+/// tract's im2col path ran its 16-channel convolutions at ~40 GFLOP/s, its 32-channel
+/// ones at ~55 and its 64-channel ones at ~85, where the direct kernels run 70-115
+/// (see `docs/PERFORMANCE.md`); from 64 channels tract is as fast or faster.
+pub const MAX_OUTPUT_CHANNELS: usize = 32;
+
+/// The narrowest output row a convolution may have to run directly. Measured on the
+/// shipped U-Net: at 16 columns tract's product (55 GFLOP/s on its 32-channel
+/// convolutions) matched the 8-wide tile, at 32 columns the direct kernels won (16
+/// channels: tract ~40 GFLOP/s, the direct kernels 50-90).
+pub const MIN_OUTPUT_WIDTH: usize = 32;
+
+/// The register tile a convolution runs with: `width` outputs of a row for `channels`
+/// output channels. Chosen once, at load time, from the CPU and the shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tile {
+    /// 32 outputs (two 512-bit vectors) × 4 channels: AVX-512F (with AVX2 and FMA),
+    /// rows a multiple of 32 wide.
+    Wide32x4,
+    /// 8 outputs (one 256-bit vector) × 8 channels: AVX2 and FMA, rows a multiple of 8.
+    Narrow8x8,
+}
+
+impl Tile {
+    /// Outputs per row the tile covers.
+    pub fn width(self) -> usize {
+        match self {
+            Tile::Wide32x4 => 32,
+            Tile::Narrow8x8 => 8,
+        }
+    }
+
+    /// Output channels the tile covers.
+    pub fn channels(self) -> usize {
+        match self {
+            Tile::Wide32x4 => 4,
+            Tile::Narrow8x8 => 8,
+        }
+    }
+
+    /// The tiles this CPU runs, fastest first (none off x86-64, or without AVX2+FMA).
+    pub fn available() -> Vec<Tile> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut tiles = Vec::new();
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    tiles.push(Tile::Wide32x4);
+                }
+                tiles.push(Tile::Narrow8x8);
+            }
+            tiles
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The fastest available tile whose width divides an output row of `width`.
+    pub fn choose(width: usize) -> Option<Tile> {
+        Tile::available()
+            .into_iter()
+            .find(|t| width.is_multiple_of(t.width()))
+    }
+}
+
+/// The sizes of one direct convolution (stride 1, dilation 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Geometry {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Input height and width.
+    pub input: [usize; 2],
+    /// Zero rows above and columns left of the input.
+    pub pad_before: [usize; 2],
+    /// Output height and width: `input + pad_before + pad_after - kernel + 1`.
+    pub output: [usize; 2],
+}
+
+impl Geometry {
+    /// Height and width of the padded input: `output + kernel - 1`.
+    pub fn padded(&self) -> [usize; 2] {
+        [
+            self.output[0] + self.kernel[0] - 1,
+            self.output[1] + self.kernel[1] - 1,
+        ]
+    }
+
+    /// Multiply-adds per image: `cout · oh · ow · cin · kh · kw`.
+    pub fn macs_per_image(&self) -> usize {
+        self.cout * self.output[0] * self.output[1] * self.cin * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// A 2-D convolution computed directly (module docs), with its weights laid out for
+/// `tile`: `[⌈cout / B⌉][cin][kh][kw][B]`, `B = tile.channels()`, zero past `cout`.
+///
+/// Its inputs are the image batch and, when the bias is not constant, the bias (one
+/// value, or one per output channel).
+#[derive(Debug, Clone)]
+pub struct DirectConv {
+    /// Sizes.
+    pub geometry: Geometry,
+    /// The register tile, checked against the CPU and the shape when made.
+    pub tile: Tile,
+    weights: Arc<Vec<f32>>,
+    /// `None`: the bias is the op's second input.
+    bias: Option<Arc<Vec<f32>>>,
+}
+
+/// Two ops are equal when they compute the same thing: same sizes, tile and values
+/// (compared bit for bit, so that the relation is an equivalence, as tract needs).
+impl PartialEq for DirectConv {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.geometry == other.geometry
+            && self.tile == other.tile
+            && bits(&self.weights) == bits(&other.weights)
+            && self.bias.as_deref().map(|b| bits(b)) == other.bias.as_deref().map(|b| bits(b))
+    }
+}
+
+impl Eq for DirectConv {}
+
+impl DirectConv {
+    /// Makes the op from OIHW `weights` (`cout · cin · kh · kw` values) and a constant
+    /// `bias` (one value per output channel), or `None` for a bias given at run time as
+    /// a second input. Fails when `tile` is not available on this CPU or its width does
+    /// not divide the output row, or when the sizes disagree.
+    pub fn new(
+        geometry: Geometry,
+        tile: Tile,
+        weights: &[f32],
+        bias: Option<&[f32]>,
+    ) -> TractResult<Self> {
+        let g = geometry;
+        ensure!(
+            Tile::available().contains(&tile),
+            "{tile:?} is not available on this CPU"
+        );
+        ensure!(
+            g.output[1].is_multiple_of(tile.width()),
+            "{tile:?} does not divide an output row of {} columns",
+            g.output[1]
+        );
+        ensure!(g.kernel.iter().all(|&k| k >= 1) && g.cin >= 1 && g.cout >= 1);
+        ensure!(g.output[0] >= 1);
+        let taps = g.cin * g.kernel[0] * g.kernel[1];
+        ensure!(
+            weights.len() == g.cout * taps,
+            "expected {} weights",
+            g.cout * taps
+        );
+        if let Some(bias) = bias {
+            ensure!(bias.len() == g.cout, "expected {} biases", g.cout);
+        }
+        for axis in 0..2 {
+            ensure!(
+                g.pad_before[axis] + g.input[axis] <= g.padded()[axis],
+                "the input does not fit the padded input on axis {axis}"
+            );
+        }
+        let b = tile.channels();
+        let mut laid = vec![0f32; g.cout.div_ceil(b) * b * taps];
+        for o in 0..g.cout {
+            for t in 0..taps {
+                laid[((o / b) * taps + t) * b + o % b] = weights[o * taps + t];
+            }
+        }
+        Ok(DirectConv {
+            geometry,
+            tile,
+            weights: Arc::new(laid),
+            bias: bias.map(|b| Arc::new(b.to_vec())),
+        })
+    }
+
+    /// Runs the convolution on the op's inputs: a batch `x` (`[n, cin, ih, iw]`, f32),
+    /// then the bias when it is not constant. Pads each image into `scratch` (grown
+    /// once, then reused).
+    pub fn run(&self, scratch: &mut Scratch, inputs: &[TValue]) -> TractResult<Tensor> {
+        let g = &self.geometry;
+        let b = self.tile.channels();
+        scratch.bias.clear();
+        match (&self.bias, inputs) {
+            (Some(bias), [_]) => scratch.bias.extend_from_slice(bias),
+            (None, [_, bias]) => {
+                ensure!(
+                    bias.datum_type() == f32::datum_type(),
+                    "bias is {:?}",
+                    bias.datum_type()
+                );
+                let values = bias.try_as_plain_ram()?.as_slice::<f32>()?;
+                match values.len() {
+                    1 => scratch.bias.resize(g.cout, values[0]),
+                    n if n == g.cout => scratch.bias.extend_from_slice(values),
+                    n => bail!("{n} biases for {} output channels", g.cout),
+                }
+            }
+            _ => bail!("{} inputs to a direct convolution", inputs.len()),
+        }
+        scratch.bias.resize(g.cout.div_ceil(b) * b, 0.0);
+        let x = &*inputs[0];
+        ensure!(
+            x.datum_type() == f32::datum_type(),
+            "input is {:?}",
+            x.datum_type()
+        );
+        let shape = x.shape();
+        ensure!(
+            shape.len() == 4 && shape[1] == g.cin && shape[2..] == g.input,
+            "input shape {shape:?} for a convolution of {} channels at {:?}",
+            g.cin,
+            g.input
+        );
+        let contiguous;
+        let x = if x.strides() == &*Tensor::natural_strides(shape) {
+            x
+        } else {
+            contiguous = x.to_plain_array_view::<f32>()?.to_owned().into_tensor();
+            &contiguous
+        };
+        let input = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let n = shape[0];
+        let [hp, wp] = g.padded();
+        let [ih, iw] = g.input;
+        let [oh, ow] = g.output;
+        let mut y = Tensor::zero::<f32>(&[n, g.cout, oh, ow])?;
+        let mut view = y.try_as_plain_ram_mut()?;
+        let out = view.as_slice_mut::<f32>()?;
+        let padded = &mut scratch.padded;
+        padded.clear();
+        padded.resize(g.cin * hp * wp, 0.0);
+        for (image, out) in input
+            .chunks_exact(g.cin * ih * iw)
+            .zip(out.chunks_exact_mut(g.cout * oh * ow))
+        {
+            // The borders stay zero from `resize`; only the interior is rewritten.
+            for (c, plane) in image.chunks_exact(ih * iw).enumerate() {
+                for (r, row) in plane.chunks_exact(iw).enumerate() {
+                    let at = (c * hp + g.pad_before[0] + r) * wp + g.pad_before[1];
+                    padded[at..at + iw].copy_from_slice(row);
+                }
+            }
+            self.run_image(padded, &scratch.bias, out);
+        }
+        Ok(y)
+    }
+
+    /// One padded image into `out` (`[cout, oh, ow]`) with the op's tile; `b` holds a
+    /// bias per output channel, zero-padded to whole tiles.
+    fn run_image(&self, padded: &[f32], b: &[f32], out: &mut [f32]) {
+        let (g, w) = (&self.geometry, &self.weights[..]);
+        match self.tile {
+            // SAFETY: `new` made the op only with a tile `Tile::available` lists, that
+            // is, after detecting the target features these functions enable.
+            #[cfg(target_arch = "x86_64")]
+            Tile::Wide32x4 => unsafe { x86::wide32x4(g, padded, w, b, out) },
+            #[cfg(target_arch = "x86_64")]
+            Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no tile is available off x86-64"),
+        }
+    }
+}
+
+/// One image, every tile of `L` columns × `B` channels (inlined into each
+/// target-feature function so that it is compiled for those features).
+#[inline(always)]
+fn conv_image<const L: usize, const B: usize>(
+    g: &Geometry,
+    padded: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    let [oh, ow] = g.output;
+    let taps = g.cin * g.kernel[0] * g.kernel[1];
+    let blocks = weights.chunks_exact(taps * B).zip(bias.chunks_exact(B));
+    // The last block may have fewer than B channels: its other outputs are not stored.
+    for (block, out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+        let ((w, b), channels) = (block, out.len() / (oh * ow));
+        let b: &[f32; B] = b.try_into().expect("B biases");
+        for row in 0..oh {
+            for col in (0..ow).step_by(L) {
+                let acc = conv_tile::<L, B>(g, padded, w, b, row, col);
+                for (j, acc) in acc.iter().enumerate().take(channels) {
+                    out[(j * oh + row) * ow + col..][..L].copy_from_slice(acc);
+                }
+            }
+        }
+    }
+}
+
+/// `L` outputs from column `col` of output row `row`, for `B` channels:
+/// `acc[j][l] = (Σ_(c, dy, dx) w[c, dy, dx, j] · xp[c, row + dy, col + l + dx]) + b[j]`.
+#[inline(always)]
+fn conv_tile<const L: usize, const B: usize>(
+    g: &Geometry,
+    padded: &[f32],
+    w: &[f32],
+    b: &[f32; B],
+    row: usize,
+    col: usize,
+) -> [[f32; L]; B] {
+    // Sizes as locals and the weights cut to length, so that nothing is reloaded or
+    // bounds-checked per tap (measured: 80 -> 104 GFLOP/s for the wide tile).
+    let [hp, wp] = g.padded();
+    let [kh, kw] = g.kernel;
+    let cin = g.cin;
+    let w = &w[..cin * kh * kw * B];
+    let mut acc = [[0f32; L]; B];
+    for c in 0..cin {
+        for dy in 0..kh {
+            let line = &padded[(c * hp + row + dy) * wp + col..];
+            for dx in 0..kw {
+                let x: &[f32; L] = line[dx..dx + L].try_into().expect("L inputs");
+                let tap = (c * kh + dy) * kw + dx;
+                let wt: &[f32; B] = w[tap * B..][..B].try_into().expect("B weights");
+                for j in 0..B {
+                    for l in 0..L {
+                        acc[j][l] = x[l].mul_add(wt[j], acc[j][l]);
+                    }
+                }
+            }
+        }
+    }
+    for (acc, b) in acc.iter_mut().zip(b) {
+        for a in acc {
+            *a += b;
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{conv_image, Geometry};
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) fn wide32x4(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        conv_image::<32, 4>(g, xp, w, b, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn narrow8x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        conv_image::<8, 8>(g, xp, w, b, out)
+    }
+}
+
+/// A [`DirectConv`]'s scratch, kept between runs of a plan's state: the padded input
+/// image and the bias padded to whole tiles.
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    padded: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl OpState for Scratch {
+    fn eval(
+        &mut self,
+        _ctx: &EvalContext,
+        op: &dyn Op,
+        inputs: TVec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
+        let op = op
+            .downcast_ref::<DirectConv>()
+            .context("direct convolution state on another op")?;
+        Ok(tvec!(op.run(self, &inputs)?.into_tvalue()))
+    }
+
+    fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
+        // Nothing carries from one run to the next.
+        Ok(())
+    }
+}
+
+impl Op for DirectConv {
+    fn name(&self) -> StaticName {
+        "EsddpmDirectConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{:?} {:?}", self.geometry, self.tile)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DirectConv {
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        let mut scratch = Scratch::default();
+        Ok(Some(tvec!(self.run(&mut scratch, &inputs)?.into_tvalue())))
+    }
+
+    fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
+        Ok(Some(Box::<Scratch>::default()))
+    }
+}
+
+impl TypedOp for DirectConv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geometry;
+        ensure!(inputs.len() == 1 + usize::from(self.bias.is_none()) && inputs[0].rank() == 4);
+        let n = inputs[0].shape[0].clone();
+        Ok(tvec!(f32::fact([
+            n,
+            g.cout.to_dim(),
+            g.output[0].to_dim(),
+            g.output[1].to_dim()
+        ])))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let n = inputs[0].shape[0].clone();
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            n * self.geometry.macs_per_image()
+        )))
+    }
+}
+
+/// The direct convolution for `node` (a tract `Conv` of `model`), or `None` where it
+/// does not apply (module docs).
+fn direct_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DirectConv>> {
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || spec.rank() != 2
+        || !ones(&spec.strides)
+        || !ones(&spec.dilations)
+        || spec.kernel_shape.iter().product::<usize>() < 2
+        || spec.output_channels > MAX_OUTPUT_CHANNELS
+    {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (x, kernel, bias) = (facts[0], facts[1], facts[2]);
+    let Some(shape) = x.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let Some(kernel) = &kernel.konst else {
+        return Ok(None);
+    };
+    if x.datum_type != f32::datum_type()
+        || kernel.datum_type() != f32::datum_type()
+        || bias.datum_type != f32::datum_type()
+        || shape.len() != 4
+    {
+        return Ok(None);
+    }
+    let padding = spec.computed_padding(&shape[2..]);
+    let geometry = Geometry {
+        cin: spec.input_channels,
+        cout: spec.output_channels,
+        kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+        input: [shape[2], shape[3]],
+        pad_before: [padding[0].pad_before, padding[1].pad_before],
+        output: [padding[0].convoluted, padding[1].convoluted],
+    };
+    if geometry.output[1] < MIN_OUTPUT_WIDTH {
+        return Ok(None);
+    }
+    let Some(tile) = Tile::choose(geometry.output[1]) else {
+        return Ok(None);
+    };
+    let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
+        Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
+    };
+    let weights = contiguous(kernel)?;
+    let bias = match &bias.konst {
+        Some(b) if b.len() == 1 => Some(vec![contiguous(b)?[0]; geometry.cout]),
+        Some(b) => Some(contiguous(b)?),
+        None => None,
+    };
+    DirectConv::new(geometry, tile, &weights, bias.as_deref()).map(Some)
+}
+
+/// Replaces every convolution of `model` (decluttered, before `optimize`) that the
+/// direct kernels run faster with a [`DirectConv`] (module docs). Returns how many were
+/// replaced; none on a CPU without the kernels.
+pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(op) = direct_for(model, node)? else {
+            continue;
+        };
+        let inputs = if op.bias.is_some() {
+            &node.inputs[0..1]
+        } else {
+            &[node.inputs[0], node.inputs[2]][..]
+        };
+        TypedModelPatch::replace_single_op(model, node, inputs, op)?.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
+
+    /// A seeded value in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// One tract `Conv` of `x_shape` input with `cout` channels, `kernel` and
+    /// `pad` (before, after) on both axes, stride `stride`; its bias is a constant, or
+    /// with `bias_input` the model's second input (`[cout]`).
+    fn conv_model(
+        x_shape: [usize; 4],
+        cout: usize,
+        kernel: [usize; 2],
+        pad: (usize, usize),
+        stride: usize,
+        bias_input: bool,
+    ) -> TractResult<TypedModel> {
+        let cin = x_shape[1];
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(x_shape))?;
+        let w = values(cout * cin * kernel[0] * kernel[1], 1);
+        let w = model.add_const(
+            "w",
+            Tensor::from_shape(&[cout, cin, kernel[0], kernel[1]], &w)?,
+        )?;
+        let b = if bias_input {
+            model.add_source("b", f32::fact([cout]))?
+        } else {
+            model.add_const("b", tensor1(&values(cout, 2)))?
+        };
+        let op = Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: kernel.into_iter().collect(),
+                padding: PaddingSpec::Explicit(tvec![pad.0, pad.0], tvec![pad.1, pad.1]),
+                dilations: None,
+                strides: Some(tvec![stride, stride]),
+                input_channels: cin,
+                output_channels: cout,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: None,
+        };
+        let y = model.wire_node("conv", op, &[x, w, b])?;
+        model.select_output_outlets(&y)?;
+        Ok(model)
+    }
+
+    /// Runs `model` optimised, with or without the direct convolutions; returns the
+    /// output and how many were used.
+    fn run(model: &TypedModel, direct: bool, inputs: &[Tensor]) -> TractResult<(Vec<f32>, usize)> {
+        let mut m = model.clone();
+        let replaced = if direct { use_direct_convs(&mut m)? } else { 0 };
+        let plan = m.into_optimized()?.into_runnable()?;
+        let y = plan
+            .run(inputs.iter().map(|t| t.clone().into_tvalue()).collect())?
+            .remove(0);
+        Ok((y.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(), replaced))
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matches_tract_on_the_shapes_it_takes() -> TractResult<()> {
+        let direct = !Tile::available().is_empty();
+        for (x_shape, cout, kernel, pad, bias_input) in [
+            ([1, 16, 32, 32], 16, [3, 3], (1, 1), false),
+            ([2, 48, 32, 32], 16, [3, 3], (1, 1), false),
+            ([1, 48, 32, 32], 16, [3, 3], (1, 1), true),
+            ([1, 32, 16, 64], 32, [3, 3], (1, 1), true),
+            ([1, 16, 32, 32], 1, [3, 3], (1, 1), false),
+            ([3, 5, 8, 40], 12, [3, 3], (1, 1), false),
+            ([1, 4, 12, 34], 8, [5, 3], (0, 0), false),
+            ([1, 3, 9, 33], 24, [2, 2], (0, 0), true),
+            ([1, 2, 6, 31], 8, [3, 3], (2, 1), false),
+        ] {
+            let model = conv_model(x_shape, cout, kernel, pad, 1, bias_input)?;
+            let mut inputs = vec![Tensor::from_shape(
+                &x_shape,
+                &values(x_shape.iter().product(), 3),
+            )?];
+            if bias_input {
+                inputs.push(tensor1(&values(cout, 7)));
+            }
+            let (want, _) = run(&model, false, &inputs)?;
+            let (got, replaced) = run(&model, true, &inputs)?;
+            assert_eq!(replaced, usize::from(direct), "{x_shape:?} {kernel:?}");
+            // Another summation order: equal to f32 rounding of the largest output.
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let d = max_diff(&want, &got);
+            assert!(
+                d <= 2e-6 * scale,
+                "{x_shape:?} -> {cout} {kernel:?}: max abs diff {d}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn leaves_other_convolutions_to_tract() -> TractResult<()> {
+        for (x_shape, cout, kernel, pad, stride) in [
+            ([1, 16, 32, 32], 64, [3, 3], (1, 1), 1), // too many output channels
+            ([1, 16, 32, 32], 16, [1, 1], (0, 0), 1), // 1x1: a plain product
+            ([1, 16, 32, 32], 16, [3, 3], (1, 1), 2), // strided
+            ([1, 16, 30, 36], 16, [3, 3], (1, 1), 1), // 36 columns: no tile divides
+            ([1, 32, 16, 16], 32, [3, 3], (1, 1), 1), // 16 columns: tract is as fast
+        ] {
+            let mut model = conv_model(x_shape, cout, kernel, pad, stride, false)?;
+            assert_eq!(
+                use_direct_convs(&mut model)?,
+                0,
+                "{x_shape:?} {cout} {kernel:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_tile_gives_the_same_bits() -> TractResult<()> {
+        let g = Geometry {
+            cin: 7,
+            cout: 16,
+            kernel: [3, 3],
+            input: [32, 32],
+            pad_before: [1, 1],
+            output: [32, 32],
+        };
+        let weights = values(16 * 7 * 9, 4);
+        let bias = values(16, 5);
+        let x = Tensor::from_shape(&[2, 7, 32, 32], &values(2 * 7 * 32 * 32, 6))?;
+        let outputs: Vec<Vec<u32>> = Tile::available()
+            .into_iter()
+            .map(|tile| {
+                let op = DirectConv::new(g, tile, &weights, Some(&bias))?;
+                let y = op.run(&mut Scratch::default(), &[x.clone().into_tvalue()])?;
+                Ok(y.try_as_plain_ram()?
+                    .as_slice::<f32>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect())
+            })
+            .collect::<TractResult<_>>()?;
+        for other in outputs.iter().skip(1) {
+            assert!(other == &outputs[0], "tiles disagree");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let Some(&tile) = Tile::available().first() else {
+            return;
+        };
+        let g = Geometry {
+            cin: 2,
+            cout: 8,
+            kernel: [3, 3],
+            input: [8, 32],
+            pad_before: [1, 1],
+            output: [8, 32],
+        };
+        assert!(DirectConv::new(g, tile, &[0.0; 10], Some(&[0.0; 8])).is_err());
+        assert!(DirectConv::new(g, tile, &[0.0; 144], Some(&[0.0; 7])).is_err());
+        let narrow = Geometry {
+            output: [8, 30],
+            input: [8, 30],
+            ..g
+        };
+        assert!(DirectConv::new(narrow, tile, &[0.0; 144], None).is_err());
+        let op = DirectConv::new(g, tile, &[0.0; 144], Some(&[0.0; 8])).unwrap();
+        let wrong = Tensor::zero::<f32>(&[1, 3, 8, 32]).unwrap().into_tvalue();
+        assert!(op.run(&mut Scratch::default(), &[wrong]).is_err());
+        let x = Tensor::zero::<f32>(&[1, 2, 8, 32]).unwrap().into_tvalue();
+        let dynamic = DirectConv::new(g, tile, &[0.0; 144], None).unwrap();
+        assert!(
+            dynamic
+                .run(&mut Scratch::default(), std::slice::from_ref(&x))
+                .is_err(),
+            "no bias"
+        );
+        let five = tensor1(&[0f32; 5]).into_tvalue();
+        assert!(dynamic
+            .run(&mut Scratch::default(), &[x.clone(), five])
+            .is_err());
+        let one = tensor1(&[2f32]).into_tvalue();
+        let y = dynamic.run(&mut Scratch::default(), &[x, one]).unwrap();
+        assert!(y
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 2.0));
+    }
+}
