@@ -8,7 +8,8 @@
 //!     [--path batched|per-image] [--plan-cache DIR]
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
-//!     [--rewrite off|strides|all]
+//!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
+//!     [--direct-tiles wide,narrow|none]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -31,7 +32,9 @@
 //! counts for each node (`TypedOp::cost`, 2 FLOP per FMA). `--rewrite off` profiles
 //! tract's own plan for the same inputs, without esddpm's load-time rewrites;
 //! `--rewrite strides` esddpm's plan without its direct convolutions
-//! (`esddpm::direct_conv`); `all` (the default) esddpm's plan.
+//! (`esddpm::direct_conv`); `all` (the default) esddpm's plan. The `--direct-*` options
+//! give the direct convolutions another `Policy` (channel and width limits, tiles), to
+//! re-measure where they win.
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -39,6 +42,7 @@
 //! BATCH images after a warm-up call that makes the plans.
 
 use esddpm::cache::PlanCache;
+use esddpm::direct_conv::{use_direct_convs_with, Policy, Tile};
 use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::{node_flops, OnnxModel};
 use esddpm::unet::Unet;
@@ -58,7 +62,8 @@ fn usage() -> ! {
         "usage:\n  unet_forward [forward] MODEL C H W BATCH THREADS REPS [--warmup N] [--t T] \
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
-         [--warmup N] [--t T] [--rewrite off|strides|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
+         [--direct-min-width N] [--direct-tiles wide,narrow|none]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -451,8 +456,27 @@ fn profile(a: &Args) -> Res<Value> {
     // load-time rewrites (`esddpm::rewrite`), to measure what they gain.
     // `--rewrite strides`: esddpm's plan without the direct convolutions
     // (`esddpm::direct_conv`), to measure what they gain.
+    // `--direct-max-channels N`, `--direct-min-width N`, `--direct-tiles LIST` (of
+    // `wide`, `narrow`; `none`): esddpm's plan with another `direct_conv::Policy`.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
-    let plan = if rewrite == "all" {
+    let mut policy = Policy::default();
+    let custom = ["direct-max-channels", "direct-min-width", "direct-tiles"]
+        .iter()
+        .any(|k| a.opts.contains_key(*k));
+    policy.max_output_channels = a.opt("direct-max-channels", policy.max_output_channels);
+    policy.min_output_width = a.opt("direct-min-width", policy.min_output_width);
+    if let Some(list) = a.opts.get("direct-tiles") {
+        policy.tiles = list
+            .split(',')
+            .filter(|t| *t != "none")
+            .map(|t| match t {
+                "wide" => Tile::Wide32x4,
+                "narrow" => Tile::Narrow8x8,
+                _ => usage(),
+            })
+            .collect();
+    }
+    let plan = if rewrite == "all" && !custom {
         plan
     } else {
         let mut m = tract_onnx::onnx().model_for_path(&path)?;
@@ -461,8 +485,11 @@ fn profile(a: &Args) -> Res<Value> {
         }
         match rewrite {
             "off" => m.into_optimized()?.into_runnable()?,
-            "strides" => {
+            "strides" | "all" => {
                 let mut m = m.into_typed()?.into_decluttered()?;
+                if rewrite == "all" {
+                    use_direct_convs_with(&mut m, &policy)?;
+                }
                 m.optimize()?;
                 esddpm::rewrite::natural_const_strides(&mut m)?;
                 m.into_runnable()?

@@ -17,17 +17,18 @@
 //! runs. A register tile holds `L` neighbouring outputs of a row for `B` output channels;
 //! each tap loads `L` inputs once and broadcasts `B` weights (laid out per tile at load
 //! time). Every output is fused multiply-adds in the order `(c, dy, dx)` from zero,
-//! then `+ b[o]`, whichever tile runs, so the result is the same bit for bit on
-//! every x86-64 machine with AVX2 and FMA (it differs from tract's in the last bits:
-//! another summation order).
+//! then `+ b[o]`, whichever tile runs, so the result is the same bit for bit with
+//! either tile (it differs from tract's in the last bits: another summation order).
 //!
 //! [`use_direct_convs`] swaps it in at load time where it was measured to win: f32,
 //! NCHW, one group, stride and dilation 1, a kernel of 2 taps or more, constant weights,
 //! a constant bias or one computed at run time (tract folds a ResNet block's timestep
 //! embedding into its first convolution's bias at batch 1), at most
 //! [`MAX_OUTPUT_CHANNELS`] output channels (a last partial tile of channels is computed
-//! on zero weights and not stored), an output row in a multiple of the tile's width, on
-//! x86-64 with AVX2 and FMA. Everything else, and every other CPU, stays with tract.
+//! on zero weights and not stored), output rows of at least [`MIN_OUTPUT_WIDTH`]
+//! columns in a multiple of 32, on x86-64 with AVX-512F (the wide tile; see
+//! [`Policy`]). Everything else, and every other CPU, stays with tract. The 8-wide AVX2
+//! tile is kept for [`use_direct_convs_with`]: measured, it was no faster than tract.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -35,16 +36,16 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// The most output channels a convolution may have to run directly. Measured on the
-/// shipped U-Net (`cargo bench --bench unet_forward -- profile ...`, 2-core AMD EPYC):
-/// tract's im2col path ran its 16-channel convolutions at ~40 GFLOP/s, its 32-channel
-/// ones at ~55 and its 64-channel ones at ~85, where the direct kernels run 70-115
-/// (see `docs/PERFORMANCE.md`); from 64 channels tract is as fast or faster.
+/// shipped U-Net (`cargo bench --bench unet_forward -- profile ...`, 2-core AMD EPYC;
+/// `docs/PERFORMANCE.md`): tract's im2col path ran its 16-channel convolutions at ~40
+/// GFLOP/s and its 32-channel ones at ~55, where the wide direct tile runs 73-95; its
+/// 64-channel ones (at 8 and 16 columns) reach 75-85 in tract and stay there.
 pub const MAX_OUTPUT_CHANNELS: usize = 32;
 
 /// The narrowest output row a convolution may have to run directly. Measured on the
-/// shipped U-Net: at 16 columns tract's product (55 GFLOP/s on its 32-channel
-/// convolutions) matched the 8-wide tile, at 32 columns the direct kernels won (16
-/// channels: tract ~40 GFLOP/s, the direct kernels 50-90).
+/// shipped U-Net (`profile ... --direct-min-width 16`): its six 16-column convolutions
+/// ran at ~37 GFLOP/s on the 8-wide tile against ~60 in tract, while at 32 columns the
+/// wide tile runs 73-95 against tract's ~40-55.
 pub const MIN_OUTPUT_WIDTH: usize = 32;
 
 /// The register tile a convolution runs with: `width` outputs of a row for `channels`
@@ -95,11 +96,48 @@ impl Tile {
             Vec::new()
         }
     }
+}
 
-    /// The fastest available tile whose width divides an output row of `width`.
-    pub fn choose(width: usize) -> Option<Tile> {
-        Tile::available()
-            .into_iter()
+/// Which convolutions [`use_direct_convs_with`] takes, and with which tiles. The
+/// default is what was measured to win ([`MAX_OUTPUT_CHANNELS`], [`MIN_OUTPUT_WIDTH`],
+/// the wide tile where the CPU has it); the benchmark moves the limits to re-measure
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The most output channels a convolution may have.
+    pub max_output_channels: usize,
+    /// The narrowest output row a convolution may have.
+    pub min_output_width: usize,
+    /// The tiles to use, fastest first; only those [`Tile::available`] lists are used.
+    pub tiles: Vec<Tile>,
+}
+
+/// The default takes only the wide (AVX-512) tile: in the shipped U-Net the 8-wide
+/// AVX2 tile ran its 32-column convolutions at ~42 GFLOP/s, no faster than tract
+/// (`--direct-tiles narrow` in the benchmark's profile; `docs/PERFORMANCE.md`), so a
+/// CPU without AVX-512 keeps tract's convolutions.
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            max_output_channels: MAX_OUTPUT_CHANNELS,
+            min_output_width: MIN_OUTPUT_WIDTH,
+            tiles: Tile::available()
+                .into_iter()
+                .filter(|t| *t == Tile::Wide32x4)
+                .collect(),
+        }
+    }
+}
+
+impl Policy {
+    /// The first of the policy's available tiles whose width divides an output row of
+    /// `width`.
+    pub fn tile_for(&self, width: usize) -> Option<Tile> {
+        let available = Tile::available();
+        self.tiles
+            .iter()
+            .copied()
+            .filter(|t| available.contains(t))
             .find(|t| width.is_multiple_of(t.width()))
     }
 }
@@ -468,7 +506,11 @@ impl TypedOp for DirectConv {
 
 /// The direct convolution for `node` (a tract `Conv` of `model`), or `None` where it
 /// does not apply (module docs).
-fn direct_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DirectConv>> {
+fn direct_for(
+    model: &TypedModel,
+    node: &TypedNode,
+    policy: &Policy,
+) -> TractResult<Option<DirectConv>> {
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
@@ -482,7 +524,7 @@ fn direct_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Direct
         || !ones(&spec.strides)
         || !ones(&spec.dilations)
         || spec.kernel_shape.iter().product::<usize>() < 2
-        || spec.output_channels > MAX_OUTPUT_CHANNELS
+        || spec.output_channels > policy.max_output_channels
     {
         return Ok(None);
     }
@@ -510,10 +552,10 @@ fn direct_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Direct
         pad_before: [padding[0].pad_before, padding[1].pad_before],
         output: [padding[0].convoluted, padding[1].convoluted],
     };
-    if geometry.output[1] < MIN_OUTPUT_WIDTH {
+    if geometry.output[1] < policy.min_output_width {
         return Ok(None);
     }
-    let Some(tile) = Tile::choose(geometry.output[1]) else {
+    let Some(tile) = policy.tile_for(geometry.output[1]) else {
         return Ok(None);
     };
     let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
@@ -530,12 +572,17 @@ fn direct_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Direct
 
 /// Replaces every convolution of `model` (decluttered, before `optimize`) that the
 /// direct kernels run faster with a [`DirectConv`] (module docs). Returns how many were
-/// replaced; none on a CPU without the kernels.
+/// replaced; none on a CPU without the kernels. The default [`Policy`].
 pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
+    use_direct_convs_with(model, &Policy::default())
+}
+
+/// [`use_direct_convs`] with another [`Policy`] (for measuring its limits).
+pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
         let node = model.node(id);
-        let Some(op) = direct_for(model, node)? else {
+        let Some(op) = direct_for(model, node, policy)? else {
             continue;
         };
         let inputs = if op.bias.is_some() {
@@ -612,9 +659,16 @@ mod tests {
 
     /// Runs `model` optimised, with or without the direct convolutions; returns the
     /// output and how many were used.
-    fn run(model: &TypedModel, direct: bool, inputs: &[Tensor]) -> TractResult<(Vec<f32>, usize)> {
+    fn run(
+        model: &TypedModel,
+        policy: Option<&Policy>,
+        inputs: &[Tensor],
+    ) -> TractResult<(Vec<f32>, usize)> {
         let mut m = model.clone();
-        let replaced = if direct { use_direct_convs(&mut m)? } else { 0 };
+        let replaced = match policy {
+            Some(p) => use_direct_convs_with(&mut m, p)?,
+            None => 0,
+        };
         let plan = m.into_optimized()?.into_runnable()?;
         let y = plan
             .run(inputs.iter().map(|t| t.clone().into_tvalue()).collect())?
@@ -632,14 +686,21 @@ mod tests {
 
     #[test]
     fn matches_tract_on_the_shapes_it_takes() -> TractResult<()> {
-        let direct = !Tile::available().is_empty();
+        // Every tile this CPU has, each alone (the default uses only the wide one).
+        let policies: Vec<Policy> = Tile::available()
+            .into_iter()
+            .map(|t| Policy {
+                tiles: vec![t],
+                ..Policy::default()
+            })
+            .collect();
         for (x_shape, cout, kernel, pad, bias_input) in [
             ([1, 16, 32, 32], 16, [3, 3], (1, 1), false),
             ([2, 48, 32, 32], 16, [3, 3], (1, 1), false),
             ([1, 48, 32, 32], 16, [3, 3], (1, 1), true),
             ([1, 32, 16, 64], 32, [3, 3], (1, 1), true),
             ([1, 16, 32, 32], 1, [3, 3], (1, 1), false),
-            ([3, 5, 8, 40], 12, [3, 3], (1, 1), false),
+            ([3, 5, 8, 64], 12, [3, 3], (1, 1), false),
             ([1, 4, 12, 34], 8, [5, 3], (0, 0), false),
             ([1, 3, 9, 33], 24, [2, 2], (0, 0), true),
             ([1, 2, 6, 31], 8, [3, 3], (2, 1), false),
@@ -652,16 +713,19 @@ mod tests {
             if bias_input {
                 inputs.push(tensor1(&values(cout, 7)));
             }
-            let (want, _) = run(&model, false, &inputs)?;
-            let (got, replaced) = run(&model, true, &inputs)?;
-            assert_eq!(replaced, usize::from(direct), "{x_shape:?} {kernel:?}");
-            // Another summation order: equal to f32 rounding of the largest output.
-            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let d = max_diff(&want, &got);
-            assert!(
-                d <= 2e-6 * scale,
-                "{x_shape:?} -> {cout} {kernel:?}: max abs diff {d}"
-            );
+            let (want, _) = run(&model, None, &inputs)?;
+            for policy in &policies {
+                let (got, replaced) = run(&model, Some(policy), &inputs)?;
+                assert_eq!(replaced, 1, "{x_shape:?} {kernel:?} {:?}", policy.tiles);
+                // Another summation order: equal to f32 rounding of the largest output.
+                let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let d = max_diff(&want, &got);
+                assert!(
+                    d <= 2e-6 * scale,
+                    "{x_shape:?} -> {cout} {kernel:?} {:?}: max abs diff {d}",
+                    policy.tiles
+                );
+            }
         }
         Ok(())
     }
@@ -682,6 +746,35 @@ mod tests {
                 "{x_shape:?} {cout} {kernel:?}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_policy_moves_the_limits() -> TractResult<()> {
+        let Some(&narrow) = Tile::available().last() else {
+            return Ok(());
+        };
+        let model = conv_model([1, 32, 16, 16], 64, [3, 3], (1, 1), 1, false)?;
+        let open = Policy {
+            max_output_channels: 64,
+            min_output_width: 8,
+            tiles: vec![narrow],
+        };
+        let closed = Policy {
+            tiles: vec![],
+            ..open.clone()
+        };
+        assert_eq!(use_direct_convs_with(&mut model.clone(), &closed)?, 0);
+        assert_eq!(use_direct_convs(&mut model.clone())?, 0);
+        let mut m = model.clone();
+        assert_eq!(use_direct_convs_with(&mut m, &open)?, 1);
+        let x = Tensor::from_shape(&[1, 32, 16, 16], &values(32 * 16 * 16, 3))?;
+        let plan = m.into_optimized()?.into_runnable()?;
+        let got = plan.run(tvec![x.clone().into_tvalue()])?.remove(0);
+        let got = got.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let (want, _) = run(&model, None, &[x])?;
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        assert!(max_diff(&want, &got) <= 2e-6 * scale);
         Ok(())
     }
 
