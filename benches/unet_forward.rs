@@ -9,7 +9,7 @@
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
-//!     [--direct-tiles wide,narrow|none]
+//!     [--direct-tiles wide,narrow|none] [--group-norm fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -34,7 +34,8 @@
 //! `--rewrite strides` esddpm's plan without its direct convolutions
 //! (`esddpm::direct_conv`); `all` (the default) esddpm's plan. The `--direct-*` options
 //! give the direct convolutions another `Policy` (channel and width limits, tiles), to
-//! re-measure where they win.
+//! re-measure where they win; `--group-norm off` leaves tract's decomposition of each
+//! group norm in place (`esddpm::group_norm`), to measure what the fused op gains.
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -43,6 +44,7 @@
 
 use esddpm::cache::PlanCache;
 use esddpm::direct_conv::{use_direct_convs_with, Policy, Tile};
+use esddpm::group_norm::fuse_group_norms;
 use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::{node_flops, OnnxModel};
 use esddpm::unet::Unet;
@@ -63,7 +65,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,narrow|none]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -458,11 +460,22 @@ fn profile(a: &Args) -> Res<Value> {
     // (`esddpm::direct_conv`), to measure what they gain.
     // `--direct-max-channels N`, `--direct-min-width N`, `--direct-tiles LIST` (of
     // `wide`, `narrow`; `none`): esddpm's plan with another `direct_conv::Policy`.
+    // `--group-norm off`: esddpm's plan without the fused group norms.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
-    let custom = ["direct-max-channels", "direct-min-width", "direct-tiles"]
-        .iter()
-        .any(|k| a.opts.contains_key(*k));
+    let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
+        None | Some("fused") => true,
+        Some("off") => false,
+        Some(_) => usage(),
+    };
+    let custom = [
+        "direct-max-channels",
+        "direct-min-width",
+        "direct-tiles",
+        "group-norm",
+    ]
+    .iter()
+    .any(|k| a.opts.contains_key(*k));
     policy.max_output_channels = a.opt("direct-max-channels", policy.max_output_channels);
     policy.min_output_width = a.opt("direct-min-width", policy.min_output_width);
     if let Some(list) = a.opts.get("direct-tiles") {
@@ -487,6 +500,9 @@ fn profile(a: &Args) -> Res<Value> {
             "off" => m.into_optimized()?.into_runnable()?,
             "strides" | "all" => {
                 let mut m = m.into_typed()?.into_decluttered()?;
+                if fuse_norms {
+                    fuse_group_norms(&mut m)?;
+                }
                 if rewrite == "all" {
                     use_direct_convs_with(&mut m, &policy)?;
                 }

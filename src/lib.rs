@@ -37,6 +37,7 @@ pub mod direct_conv;
 pub mod error;
 pub mod eval;
 pub mod fid;
+pub mod group_norm;
 pub mod images;
 pub mod memory;
 pub mod model;

@@ -4,7 +4,7 @@
 use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
-use crate::{direct_conv, rewrite};
+use crate::{direct_conv, group_norm, rewrite};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -403,6 +403,7 @@ impl OnnxModel {
         // Both sources are decluttered already: what is left is tract's codegen.
         guarded(role, "optimise", move || {
             let mut optimised = decluttered;
+            group_norm::fuse_group_norms(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
             optimised.optimize()?;
             rewrite::natural_const_strides(&mut optimised)?;

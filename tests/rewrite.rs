@@ -1,6 +1,8 @@
-//! The load-time rewrites of `esddpm::rewrite` change how tract computes, not what: the
-//! shipped U-Net's output is the same bits with and without them.
+//! The load-time rewrites change how tract computes, not what: the shipped U-Net's
+//! output is the same bits with and without `esddpm::rewrite`, and within f32 rounding
+//! with and without `esddpm::group_norm`'s fused group norms.
 
+use esddpm::group_norm::{fuse_group_norms, GroupNorm};
 use esddpm::rewrite::natural_const_strides;
 use std::path::PathBuf;
 use tract_onnx::prelude::*;
@@ -11,6 +13,10 @@ fn shipped_unet() -> PathBuf {
 }
 
 fn optimised() -> TypedModel {
+    decluttered().into_optimized().unwrap()
+}
+
+fn decluttered() -> TypedModel {
     tract_onnx::onnx()
         .model_for_path(shipped_unet())
         .unwrap()
@@ -18,7 +24,9 @@ fn optimised() -> TypedModel {
         .unwrap()
         .with_input_fact(1, i64::fact([1usize]).into())
         .unwrap()
-        .into_optimized()
+        .into_typed()
+        .unwrap()
+        .into_decluttered()
         .unwrap()
 }
 
@@ -72,4 +80,39 @@ fn natural_const_strides_keeps_the_shipped_unets_output_bit_for_bit() {
     assert!(a.iter().all(|v| v.is_finite()));
     let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
     assert!(same, "the rewrite changed the U-Net's output");
+}
+
+#[test]
+fn every_group_norm_of_the_shipped_unet_is_fused_within_f32_rounding() {
+    let plain = decluttered();
+    let mut fused = plain.clone();
+    // 27 GroupNorms: two in each of the 11 ResNet blocks, one in each of the 4
+    // attention blocks, and the output norm; all but the attention blocks' are
+    // followed by a SiLU.
+    assert_eq!(fuse_group_norms(&mut fused).unwrap(), 27);
+    let ops: Vec<&GroupNorm> = fused
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<GroupNorm>())
+        .collect();
+    assert_eq!(ops.len(), 27);
+    assert_eq!(ops.iter().filter(|op| op.silu).count(), 23);
+    assert!(ops.iter().all(|op| op.groups == 8 && op.eps == 1e-5));
+    let left = fused
+        .nodes()
+        .iter()
+        .filter(|n| n.op.name().contains("RmsNorm") || n.op.name().contains("Reduce"))
+        .count();
+    assert_eq!(left, 0, "a group norm's pieces are left in the model");
+    let (a, b) = (
+        run(plain.into_optimized().unwrap()),
+        run(fused.into_optimized().unwrap()),
+    );
+    assert!(b.iter().all(|v| v.is_finite()));
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d < 1e-5, "fused vs tract's decomposition: max abs diff {d}");
 }
