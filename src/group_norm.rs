@@ -445,8 +445,22 @@ fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fou
     let eps = rms_op.eps.cast_to_scalar::<f32>()?;
     nodes.push(rms.id);
 
+    // A SiLU right after the normalisation (tract moves it before the reshape back
+    // when there is no affine step between them, as with γ = 1, β = 0).
+    let is_silu = |n: &TypedNode| {
+        n.op_as::<ElementWiseOp>()
+            .is_some_and(|op| op.0.is::<Silu>())
+    };
+    let mut output = OutletId::new(rms.id, 0);
+    let mut silu = false;
+    if let Some(next) = only_reader(model, output).filter(|n| is_silu(n)) {
+        silu = true;
+        nodes.push(next.id);
+        output = OutletId::new(next.id, 0);
+    }
+
     // Back to [N, C, ...].
-    let Some(back) = only_reader(model, rms.id.into()) else {
+    let Some(back) = only_reader(model, output) else {
         return Ok(None);
     };
     match back.op_as::<AxisOp>() {
@@ -454,35 +468,32 @@ fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fou
         _ => return Ok(None),
     }
     nodes.push(back.id);
-    let mut output = OutletId::new(back.id, 0);
+    output = OutletId::new(back.id, 0);
 
-    // Optional per-channel scale, then shift, then SiLU.
+    // Then, unless the SiLU came already: an optional per-channel scale, shift and
+    // SiLU.
     let mut gamma = vec![1f32; channels];
     let mut beta = vec![0f32; channels];
-    if let Some(next) = only_reader(model, output) {
-        if let Some(g) =
-            bin_with_const::<Mul>(model, next, output).and_then(|k| per_channel(k, channels, rank))
-        {
-            gamma = g;
-            nodes.push(next.id);
-            output = OutletId::new(next.id, 0);
+    if !silu {
+        if let Some(next) = only_reader(model, output) {
+            if let Some(g) = bin_with_const::<Mul>(model, next, output)
+                .and_then(|k| per_channel(k, channels, rank))
+            {
+                gamma = g;
+                nodes.push(next.id);
+                output = OutletId::new(next.id, 0);
+            }
         }
-    }
-    if let Some(next) = only_reader(model, output) {
-        if let Some(b) =
-            bin_with_const::<Add>(model, next, output).and_then(|k| per_channel(k, channels, rank))
-        {
-            beta = b;
-            nodes.push(next.id);
-            output = OutletId::new(next.id, 0);
+        if let Some(next) = only_reader(model, output) {
+            if let Some(b) = bin_with_const::<Add>(model, next, output)
+                .and_then(|k| per_channel(k, channels, rank))
+            {
+                beta = b;
+                nodes.push(next.id);
+                output = OutletId::new(next.id, 0);
+            }
         }
-    }
-    let mut silu = false;
-    if let Some(next) = only_reader(model, output) {
-        if next
-            .op_as::<ElementWiseOp>()
-            .is_some_and(|op| op.0.is::<Silu>())
-        {
+        if let Some(next) = only_reader(model, output).filter(|n| is_silu(n)) {
             silu = true;
             nodes.push(next.id);
             output = OutletId::new(next.id, 0);
@@ -761,6 +772,14 @@ mod tests {
             Box::new(RmsNorm { axis: 2, eps }),
             &[diff],
         );
+        if spoil == "early-silu" {
+            // γ = 1 and β = 0 folded away, the SiLU moved before the reshape back.
+            let act = w(&mut model, "silu", Box::new(silu()), &[normed]);
+            let back = Box::new(AxisOp::Reshape(1, to, from));
+            let y = w(&mut model, "back", back, &[act]);
+            model.select_output_outlets(&[y]).unwrap();
+            return model;
+        }
         let back = w(
             &mut model,
             "back",
@@ -856,6 +875,30 @@ mod tests {
             .unwrap();
         assert!(op.silu && op.gamma.iter().any(|&g| g != 1.0));
         assert!(!ops(&m).iter().any(|o| o == "Cast"));
+    }
+
+    #[test]
+    fn a_silu_before_the_reshape_back_is_fused() {
+        let model = decomposed("early-silu");
+        let (m, n) = fused(&model);
+        assert_eq!(n, 1);
+        let op = m
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<GroupNorm>())
+            .unwrap();
+        assert!(op.silu && op.gamma.iter().all(|&g| g == 1.0) && op.beta.iter().all(|&b| b == 0.0));
+        let x = Tensor::from_shape(&[1, 8, 4, 4], &values(128, 8)).unwrap();
+        let (a, b) = (
+            outputs(model, tvec![x.clone().into_tvalue()]),
+            outputs(m, tvec![x.into_tvalue()]),
+        );
+        let d = a[0]
+            .iter()
+            .zip(&b[0])
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "fused vs tract: max abs diff {d}");
     }
 
     #[test]
