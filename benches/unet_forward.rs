@@ -9,7 +9,7 @@
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
-//!     [--direct-tiles wide,narrow|none] [--group-norm fused|off]
+//!     [--direct-tiles wide,wide16,narrow|none] [--group-norm fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -65,7 +65,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -459,7 +459,8 @@ fn profile(a: &Args) -> Res<Value> {
     // `--rewrite strides`: esddpm's plan without the direct convolutions
     // (`esddpm::direct_conv`), to measure what they gain.
     // `--direct-max-channels N`, `--direct-min-width N`, `--direct-tiles LIST` (of
-    // `wide`, `narrow`; `none`): esddpm's plan with another `direct_conv::Policy`.
+    // `wide`, `wide16`, `narrow`; `none`): esddpm's plan with another
+    // `direct_conv::Policy`.
     // `--group-norm off`: esddpm's plan without the fused group norms.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
@@ -484,6 +485,7 @@ fn profile(a: &Args) -> Res<Value> {
             .filter(|t| *t != "none")
             .map(|t| match t {
                 "wide" => Tile::Wide32x4,
+                "wide16" => Tile::Wide16x8,
                 "narrow" => Tile::Narrow8x8,
                 _ => usage(),
             })
@@ -677,7 +679,7 @@ fn profile(a: &Args) -> Res<Value> {
         "whole_model_gflops": total_flop / (median(&plain) * 1e-3) / 1e9,
         "categories": cats.iter().map(|(c, a)| (c.to_string(), agg_json(c, a))).collect::<serde_json::Map<_, _>>(),
         "ops": ops.iter().map(|(o, a)| json!({"op": o, "nodes": a.nodes, "ms": a.ms, "share": a.ms / total_ms, "gflop": a.flop / 1e9})).collect::<Vec<_>>(),
-        "top_nodes": per_node.iter().take(15).map(|(ms, id, name, op, flop)| json!({"id": id, "name": name, "op": op, "ms": ms, "gflop": flop / 1e9})).collect::<Vec<_>>(),
+        "top_nodes": per_node.iter().take(60).map(|(ms, id, name, op, flop)| json!({"id": id, "name": name, "op": op, "ms": ms, "gflop": flop / 1e9})).collect::<Vec<_>>(),
     }))
 }
 

@@ -5,7 +5,7 @@
 //! with the im2col operand packed on the fly. With few output channels (`Cout` ≤ 32)
 //! that packing costs as much as the product: each input value is gathered `kh·kw`
 //! times for only `Cout` multiply-adds, and the shipped U-Net's 16- and 32-channel
-//! convolutions ran at 40-55 GFLOP/s where its 64-channel ones reach 85.
+//! convolutions ran at 40-55 GFLOP/s where its 64-channel ones reach 65-85.
 //!
 //! [`DirectConv`] computes the same sum without the gather:
 //!
@@ -18,35 +18,26 @@
 //! each tap loads `L` inputs once and broadcasts `B` weights (laid out per tile at load
 //! time). Every output is fused multiply-adds in the order `(c, dy, dx)` from zero,
 //! then `+ b[o]`, whichever tile runs, so the result is the same bit for bit with
-//! either tile (it differs from tract's in the last bits: another summation order).
+//! every tile (it differs from tract's in the last bits: another summation order).
 //!
 //! [`use_direct_convs`] swaps it in at load time where it was measured to win: f32,
 //! NCHW, one group, stride and dilation 1, a kernel of 2 taps or more, constant weights,
 //! a constant bias or one computed at run time (tract folds a ResNet block's timestep
-//! embedding into its first convolution's bias at batch 1), at most
-//! [`MAX_OUTPUT_CHANNELS`] output channels (a last partial tile of channels is computed
-//! on zero weights and not stored), output rows of at least [`MIN_OUTPUT_WIDTH`]
-//! columns in a multiple of 32, on x86-64 with AVX-512F (the wide tile; see
-//! [`Policy`]). Everything else, and every other CPU, stays with tract. The 8-wide AVX2
-//! tile is kept for [`use_direct_convs_with`]: measured, it was no faster than tract.
+//! embedding into its first convolution's bias at batch 1), on x86-64, within the
+//! limits of the CPU's default [`Policy`]: with AVX-512F ([`Policy::avx512`]) up to 64
+//! output channels on rows of 16 columns or more in a multiple of 16 (tiles of 32 × 4
+//! and 16 × 8); with only AVX2 and FMA ([`Policy::avx2`]) up to 32 output channels on
+//! rows of 32 columns or more in a multiple of 8 (tiles of 8 × 8). A last partial
+//! tile of channels is computed on zero weights and not stored. Everything else, and
+//! every other CPU, stays with tract.
+//!
+//! The 16 × 8 and 8 × 8 tiles are written in `std::arch` intrinsics: the compiler did
+//! not vectorise the generic loop for them (the 32 × 4 one it does).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
-
-/// The most output channels a convolution may have to run directly. Measured on the
-/// shipped U-Net (`cargo bench --bench unet_forward -- profile ...`, 2-core AMD EPYC;
-/// `docs/PERFORMANCE.md`): tract's im2col path ran its 16-channel convolutions at ~40
-/// GFLOP/s and its 32-channel ones at ~55, where the wide direct tile runs 73-95; its
-/// 64-channel ones (at 8 and 16 columns) reach 75-85 in tract and stay there.
-pub const MAX_OUTPUT_CHANNELS: usize = 32;
-
-/// The narrowest output row a convolution may have to run directly. Measured on the
-/// shipped U-Net (`profile ... --direct-min-width 16`): its six 16-column convolutions
-/// ran at ~37 GFLOP/s on the 8-wide tile against ~60 in tract, while at 32 columns the
-/// wide tile runs 73-95 against tract's ~40-55.
-pub const MIN_OUTPUT_WIDTH: usize = 32;
 
 /// The register tile a convolution runs with: `width` outputs of a row for `channels`
 /// output channels. Chosen once, at load time, from the CPU and the shape.
@@ -55,6 +46,9 @@ pub enum Tile {
     /// 32 outputs (two 512-bit vectors) × 4 channels: AVX-512F (with AVX2 and FMA),
     /// rows a multiple of 32 wide.
     Wide32x4,
+    /// 16 outputs (one 512-bit vector) × 8 channels: AVX-512F (with AVX2 and FMA),
+    /// rows a multiple of 16 wide.
+    Wide16x8,
     /// 8 outputs (one 256-bit vector) × 8 channels: AVX2 and FMA, rows a multiple of 8.
     Narrow8x8,
 }
@@ -64,6 +58,7 @@ impl Tile {
     pub fn width(self) -> usize {
         match self {
             Tile::Wide32x4 => 32,
+            Tile::Wide16x8 => 16,
             Tile::Narrow8x8 => 8,
         }
     }
@@ -72,6 +67,7 @@ impl Tile {
     pub fn channels(self) -> usize {
         match self {
             Tile::Wide32x4 => 4,
+            Tile::Wide16x8 => 8,
             Tile::Narrow8x8 => 8,
         }
     }
@@ -86,6 +82,7 @@ impl Tile {
             {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     tiles.push(Tile::Wide32x4);
+                    tiles.push(Tile::Wide16x8);
                 }
                 tiles.push(Tile::Narrow8x8);
             }
@@ -99,9 +96,8 @@ impl Tile {
 }
 
 /// Which convolutions [`use_direct_convs_with`] takes, and with which tiles. The
-/// default is what was measured to win ([`MAX_OUTPUT_CHANNELS`], [`MIN_OUTPUT_WIDTH`],
-/// the wide tile where the CPU has it); the benchmark moves the limits to re-measure
-/// them.
+/// default is what was measured to win on the CPU ([`Policy::avx512`],
+/// [`Policy::avx2`]); the benchmark moves the limits to re-measure them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// The most output channels a convolution may have.
@@ -112,24 +108,47 @@ pub struct Policy {
     pub tiles: Vec<Tile>,
 }
 
-/// The default takes only the wide (AVX-512) tile: in the shipped U-Net the 8-wide
-/// AVX2 tile ran its 32-column convolutions at ~42 GFLOP/s, no faster than tract
-/// (`--direct-tiles narrow` in the benchmark's profile; `docs/PERFORMANCE.md`), so a
-/// CPU without AVX-512 keeps tract's convolutions.
+/// What was measured to win on this CPU: [`Policy::avx512`] where it has AVX-512F,
+/// else [`Policy::avx2`] (no tile at all without AVX2 and FMA, or off x86-64).
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            max_output_channels: MAX_OUTPUT_CHANNELS,
-            min_output_width: MIN_OUTPUT_WIDTH,
-            tiles: Tile::available()
-                .into_iter()
-                .filter(|t| *t == Tile::Wide32x4)
-                .collect(),
+        if Tile::available().contains(&Tile::Wide32x4) {
+            Policy::avx512()
+        } else {
+            Policy::avx2()
         }
     }
 }
 
 impl Policy {
+    /// With AVX-512: the 32-wide tile, then the 16-wide one, for rows of 16 columns or
+    /// more and up to 64 output channels. Measured on the shipped U-Net (`cargo bench
+    /// --bench unet_forward -- profile ... --direct-*`, 2-core AMD EPYC;
+    /// `docs/PERFORMANCE.md`, lever 6): tract's im2col path ran its 16- and 32-channel
+    /// convolutions at 40-55 GFLOP/s and its 64-channel one at 16 columns at ~80, where
+    /// these tiles run 75-98; at 8 columns (64 channels) tract runs 62-70 and the 8-wide
+    /// tile 55-57, so those stay with tract.
+    pub fn avx512() -> Self {
+        Policy {
+            max_output_channels: 64,
+            min_output_width: 16,
+            tiles: vec![Tile::Wide32x4, Tile::Wide16x8],
+        }
+    }
+
+    /// With AVX2 and FMA only: the 8-wide tile for rows of 32 columns or more and up to
+    /// 32 output channels. Measured on the same U-Net (`--direct-tiles narrow`): 67
+    /// GFLOP/s on its 32-column convolutions against tract's 40, but no faster than
+    /// tract at 16 columns (58 against 57 overall, and 58 against 81 on the 64-channel
+    /// one).
+    pub fn avx2() -> Self {
+        Policy {
+            max_output_channels: 32,
+            min_output_width: 32,
+            tiles: vec![Tile::Narrow8x8],
+        }
+    }
+
     /// The first of the policy's available tiles whose width divides an output row of
     /// `width`.
     pub fn tile_for(&self, width: usize) -> Option<Tile> {
@@ -342,6 +361,8 @@ impl DirectConv {
             #[cfg(target_arch = "x86_64")]
             Tile::Wide32x4 => unsafe { x86::wide32x4(g, padded, w, b, out) },
             #[cfg(target_arch = "x86_64")]
+            Tile::Wide16x8 => unsafe { x86::wide16x8(g, padded, w, b, out) },
+            #[cfg(target_arch = "x86_64")]
             Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no tile is available off x86-64"),
@@ -427,9 +448,94 @@ mod x86 {
         conv_image::<32, 4>(g, xp, w, b, out)
     }
 
+    /// The 16 × 8 tile in AVX-512 intrinsics: the compiler did not vectorise the
+    /// generic `conv_image::<16, 8>` (scalar fused multiply-adds, 20x slower). The
+    /// same operations in the same order as `conv_tile`, so the same bits.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) fn wide16x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        const L: usize = 16;
+        const B: usize = 8;
+        let [oh, ow] = g.output;
+        let [hp, wp] = g.padded();
+        let [kh, kw] = g.kernel;
+        let cin = g.cin;
+        let taps = cin * kh * kw;
+        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
+        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
+        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
+        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+            let channels = out.len() / (oh * ow);
+            for row in 0..oh {
+                for col in (0..ow).step_by(L) {
+                    let mut acc = [_mm512_setzero_ps(); B];
+                    for c in 0..cin {
+                        for dy in 0..kh {
+                            let line = (c * hp + row + dy) * wp + col;
+                            for dx in 0..kw {
+                                // SAFETY: the asserts above keep `line + dx + L` within
+                                // the padded image (`col + L <= ow`, `dx < kw`).
+                                let x = unsafe { _mm512_loadu_ps(xp.as_ptr().add(line + dx)) };
+                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
+                                for j in 0..B {
+                                    acc[j] = _mm512_fmadd_ps(x, _mm512_set1_ps(wt[j]), acc[j]);
+                                }
+                            }
+                        }
+                    }
+                    for (j, acc) in acc.iter().enumerate().take(channels) {
+                        let y = _mm512_add_ps(*acc, _mm512_set1_ps(b[j]));
+                        let at = &mut out[(j * oh + row) * ow + col..][..L];
+                        // SAFETY: `at` holds L values.
+                        unsafe { _mm512_storeu_ps(at.as_mut_ptr(), y) };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 8 × 8 tile in AVX2 intrinsics (the generic `conv_image::<8, 8>` was not
+    /// vectorised well either). Same operations and order as `conv_tile`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn narrow8x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-        conv_image::<8, 8>(g, xp, w, b, out)
+        use std::arch::x86_64::*;
+        const L: usize = 8;
+        const B: usize = 8;
+        let [oh, ow] = g.output;
+        let [hp, wp] = g.padded();
+        let [kh, kw] = g.kernel;
+        let cin = g.cin;
+        let taps = cin * kh * kw;
+        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
+        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
+        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
+        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+            let channels = out.len() / (oh * ow);
+            for row in 0..oh {
+                for col in (0..ow).step_by(L) {
+                    let mut acc = [_mm256_setzero_ps(); B];
+                    for c in 0..cin {
+                        for dy in 0..kh {
+                            let line = (c * hp + row + dy) * wp + col;
+                            for dx in 0..kw {
+                                // SAFETY: as in `wide16x8`.
+                                let x = unsafe { _mm256_loadu_ps(xp.as_ptr().add(line + dx)) };
+                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
+                                for j in 0..B {
+                                    acc[j] = _mm256_fmadd_ps(x, _mm256_set1_ps(wt[j]), acc[j]);
+                                }
+                            }
+                        }
+                    }
+                    for (j, acc) in acc.iter().enumerate().take(channels) {
+                        let y = _mm256_add_ps(*acc, _mm256_set1_ps(b[j]));
+                        let at = &mut out[(j * oh + row) * ow + col..][..L];
+                        // SAFETY: `at` holds L values.
+                        unsafe { _mm256_storeu_ps(at.as_mut_ptr(), y) };
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -707,7 +813,11 @@ mod tests {
             ([1, 4, 12, 34], 8, [5, 3], (0, 0), false),
             ([1, 3, 9, 33], 24, [2, 2], (0, 0), true),
             ([1, 2, 6, 31], 8, [3, 3], (2, 1), false),
+            // 16 columns (the 16- and 8-wide tiles), 64 and 40 channels.
+            ([1, 32, 16, 16], 64, [3, 3], (1, 1), false),
+            ([2, 24, 8, 16], 40, [3, 3], (1, 1), true),
         ] {
+            let out_width = x_shape[3] + pad.0 + pad.1 + 1 - kernel[1];
             let model = conv_model(x_shape, cout, kernel, pad, 1, bias_input)?;
             let mut inputs = vec![Tensor::from_shape(
                 &x_shape,
@@ -719,7 +829,13 @@ mod tests {
             let (want, _) = run(&model, None, &inputs)?;
             for policy in &policies {
                 let (got, replaced) = run(&model, Some(policy), &inputs)?;
-                assert_eq!(replaced, 1, "{x_shape:?} {kernel:?} {:?}", policy.tiles);
+                let fits = policy.tile_for(out_width).is_some();
+                assert_eq!(
+                    replaced,
+                    usize::from(fits),
+                    "{x_shape:?} {kernel:?} {:?}",
+                    policy.tiles
+                );
                 // Another summation order: equal to f32 rounding of the largest output.
                 let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
                 let d = max_diff(&want, &got);
@@ -736,11 +852,11 @@ mod tests {
     #[test]
     fn leaves_other_convolutions_to_tract() -> TractResult<()> {
         for (x_shape, cout, kernel, pad, stride) in [
-            ([1, 16, 32, 32], 64, [3, 3], (1, 1), 1), // too many output channels
-            ([1, 16, 32, 32], 16, [1, 1], (0, 0), 1), // 1x1: a plain product
-            ([1, 16, 32, 32], 16, [3, 3], (1, 1), 2), // strided
-            ([1, 16, 30, 36], 16, [3, 3], (1, 1), 1), // 36 columns: no tile divides
-            ([1, 32, 16, 16], 32, [3, 3], (1, 1), 1), // 16 columns: tract is as fast
+            ([1, 16, 32, 32], 128, [3, 3], (1, 1), 1), // too many output channels
+            ([1, 16, 32, 32], 16, [1, 1], (0, 0), 1),  // 1x1: a plain product
+            ([1, 16, 32, 32], 16, [3, 3], (1, 1), 2),  // strided
+            ([1, 16, 30, 36], 16, [3, 3], (1, 1), 1),  // 36 columns: no tile divides
+            ([1, 64, 8, 8], 64, [3, 3], (1, 1), 1),    // 8 columns: tract is faster
         ] {
             let mut model = conv_model(x_shape, cout, kernel, pad, stride, false)?;
             assert_eq!(
@@ -757,7 +873,8 @@ mod tests {
         let Some(&narrow) = Tile::available().last() else {
             return Ok(());
         };
-        let model = conv_model([1, 32, 16, 16], 64, [3, 3], (1, 1), 1, false)?;
+        // 8 columns: tract's by default.
+        let model = conv_model([1, 32, 8, 8], 64, [3, 3], (1, 1), 1, false)?;
         let open = Policy {
             max_output_channels: 64,
             min_output_width: 8,
@@ -771,7 +888,7 @@ mod tests {
         assert_eq!(use_direct_convs(&mut model.clone())?, 0);
         let mut m = model.clone();
         assert_eq!(use_direct_convs_with(&mut m, &open)?, 1);
-        let x = Tensor::from_shape(&[1, 32, 16, 16], &values(32 * 16 * 16, 3))?;
+        let x = Tensor::from_shape(&[1, 32, 8, 8], &values(32 * 8 * 8, 3))?;
         let plan = m.into_optimized()?.into_runnable()?;
         let got = plan.run(tvec![x.clone().into_tvalue()])?.remove(0);
         let got = got.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
