@@ -34,10 +34,16 @@
 //! The 16 × 8 and 8 × 8 tiles are written in `std::arch` intrinsics: the compiler did
 //! not vectorise the generic loop for them (the 32 × 4 one it does).
 
+use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
+
+/// The fewest multiply-adds per image for which a convolution is split across
+/// threads (when [`op_threads`] has more than one): below it a hand-off to the pool
+/// costs more than it saves.
+pub const MIN_MACS_TO_SPLIT: usize = 1 << 18;
 
 /// The register tile a convolution runs with: `width` outputs of a row for `channels`
 /// output channels. Chosen once, at load time, from the CPU and the shape.
@@ -352,9 +358,33 @@ impl DirectConv {
     }
 
     /// One padded image into `out` (`[cout, oh, ow]`) with the op's tile; `b` holds a
-    /// bias per output channel, zero-padded to whole tiles.
+    /// bias per output channel, zero-padded to whole tiles. A convolution of at least
+    /// [`MIN_MACS_TO_SPLIT`] multiply-adds is split by blocks of channels across the
+    /// threads [`op_threads`] has here (the blocks are independent: the same bits).
     fn run_image(&self, padded: &[f32], b: &[f32], out: &mut [f32]) {
-        let (g, w) = (&self.geometry, &self.weights[..]);
+        let g = &self.geometry;
+        let channels = self.tile.channels();
+        let blocks = g.cout.div_ceil(channels);
+        let parts = if g.macs_per_image() >= MIN_MACS_TO_SPLIT {
+            op_threads::threads().min(blocks)
+        } else {
+            1
+        };
+        if parts <= 1 {
+            return self.run_blocks(padded, &self.weights, b, out);
+        }
+        let per_part = blocks.div_ceil(parts) * channels;
+        let taps = g.cin * g.kernel[0] * g.kernel[1];
+        let parts = out
+            .chunks_mut(per_part * g.output[0] * g.output[1])
+            .zip(self.weights.chunks(per_part * taps))
+            .zip(b.chunks(per_part));
+        op_threads::for_each(parts, |((out, w), b)| self.run_blocks(padded, w, b, out));
+    }
+
+    /// Whole blocks of channels: `w` and `b` hold theirs, `out` their outputs.
+    fn run_blocks(&self, padded: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        let g = &self.geometry;
         match self.tile {
             // SAFETY: `new` made the op only with a tile `Tile::available` lists, that
             // is, after detecting the target features these functions enable.
@@ -895,6 +925,32 @@ mod tests {
         let (want, _) = run(&model, None, &[x])?;
         let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
         assert!(max_diff(&want, &got) <= 2e-6 * scale);
+        Ok(())
+    }
+
+    #[test]
+    fn a_convolution_split_across_threads_gives_the_same_bits() -> TractResult<()> {
+        // 32 channels of 32 x 32 from 16: 4.7 M multiply-adds, over MIN_MACS_TO_SPLIT.
+        let model = conv_model([1, 16, 32, 32], 32, [3, 3], (1, 1), 1, true)?;
+        let inputs = [
+            Tensor::from_shape(&[1, 16, 32, 32], &values(16 * 1024, 8))?,
+            tensor1(&values(32, 9)),
+        ];
+        for tile in Tile::available() {
+            let policy = Policy {
+                tiles: vec![tile],
+                ..Policy::default()
+            };
+            let (alone, replaced) = run(&model, Some(&policy), &inputs)?;
+            assert_eq!(replaced, 1);
+            let pool = tract_linalg::multithread::Executor::multithread(2);
+            let (split, _) = op_threads::scope(&pool, || {
+                assert_eq!(op_threads::threads(), 2);
+                run(&model, Some(&policy), &inputs)
+            })?;
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone), bits(&split), "{tile:?}");
+        }
         Ok(())
     }
 

@@ -41,6 +41,7 @@ pub mod group_norm;
 pub mod images;
 pub mod memory;
 pub mod model;
+pub mod op_threads;
 pub mod pipeline;
 pub mod prior;
 pub mod rewrite;

@@ -198,8 +198,9 @@ impl Unet {
 
     /// Runs the U-Net on a batch (`x`: `n` images) image by image with batch-1 run
     /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
-    /// images in turn on `executor` (on one thread when the U-Net is too small for
-    /// threads to pay, [`Self::threads_pay_at_batch_1`]). Several: contiguous runs of
+    /// images in turn on `executor`; when the U-Net is too small for tract's threads to
+    /// pay ([`Self::threads_pay_at_batch_1`]), tract runs on one thread and `executor`
+    /// goes to esddpm's own operators only ([`crate::op_threads::scope`]). Several: contiguous runs of
     /// images on scoped OS threads, one state and one core each (tract's executor
     /// parallelises only the matrix products; whole images keep every core busy). The
     /// result is the same bits either way, and the same as each image run alone.
@@ -227,16 +228,21 @@ impl Unet {
             });
         }
         if let [state] = states {
-            let single = tract_linalg::multithread::Executor::SingleThread;
-            let executor = if self.threads_pay_at_batch_1() {
-                executor
-            } else {
-                &single
-            };
-            for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
-                self.run_in(state, xi, t, oi, executor)?;
+            if self.threads_pay_at_batch_1() {
+                for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
+                    self.run_in(state, xi, t, oi, executor)?;
+                }
+                return Ok(());
             }
-            return Ok(());
+            // A small U-Net keeps tract on one thread and lends the pool to esddpm's
+            // own operators only (`op_threads`).
+            let single = tract_linalg::multithread::Executor::SingleThread;
+            return crate::op_threads::scope(executor, || {
+                for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
+                    self.run_in(state, xi, t, oi, &single)?;
+                }
+                Ok(())
+            });
         }
         let per = n.div_ceil(states.len());
         std::thread::scope(|scope| {

@@ -1,0 +1,141 @@
+//! Threads for esddpm's own operators at batch 1 (issue 6, lever 9 in
+//! `docs/PERFORMANCE.md`).
+//!
+//! A lone image of a small U-Net runs on tract's single-threaded executor
+//! ([`crate::unet::Unet::threads_pay_at_batch_1`]): tract's executor parallelises only
+//! its matrix products, and on that U-Net its hand-offs cost more than they gain.
+//! esddpm's direct convolutions ([`crate::direct_conv::DirectConv`]) split evenly by
+//! blocks of output channels, so [`scope`] lends them the caller's thread pool while
+//! tract keeps one thread, and [`for_each`] runs the parts there: the first on the
+//! calling thread, the others on the pool.
+//!
+//! A hand-off to a sleeping pool thread costs its wake-up (tens of µs on the 2-core VM
+//! this was measured on), which is as long as the half of a convolution it would take
+//! over: measured, two threads were then slower than one. So for the length of a
+//! scope (one U-Net call) the pool's other threads are kept awake, spinning, and take
+//! the parts as soon as they are handed over. The price is that those threads keep
+//! their cores busy for the whole call, also while tract runs its own operators.
+//!
+//! Outside a scope, [`for_each`] uses tract's current executor (with a large U-Net,
+//! the pool tract's matrix products use), without the spinning.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tract_linalg::multithread::{current_tract_executor, Executor};
+
+thread_local! {
+    /// The executor lent by [`scope`] on this thread, if any.
+    static LENT: RefCell<Option<Executor>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `executor` lent to esddpm's operators on this thread (tract's own
+/// operators keep whatever tract's executor is). Where `executor` is a pool, its other
+/// threads spin until `f` returns (module docs).
+pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
+    let previous = LENT.replace(Some(executor.clone()));
+    let awake = Arc::new(AtomicBool::new(true));
+    if let Executor::MultiThread(pool) = executor {
+        for _ in 1..pool.current_num_threads() {
+            let awake = awake.clone();
+            pool.spawn(move || {
+                while awake.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+    }
+    // Restored on the way out, also when `f` unwinds.
+    struct Restore(Option<Executor>, Arc<AtomicBool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.1.store(false, Ordering::Release);
+            LENT.set(self.0.take());
+        }
+    }
+    let _restore = Restore(previous, awake);
+    f()
+}
+
+/// The executor esddpm's operators use here: the one [`scope`] lent, else tract's.
+fn executor() -> Executor {
+    LENT.with_borrow(|lent| lent.clone())
+        .unwrap_or_else(current_tract_executor)
+}
+
+/// How many items [`for_each`] runs at once here (1 without a pool).
+pub fn threads() -> usize {
+    match executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
+        _ => 1,
+    }
+}
+
+/// Calls `f(item)` for each item: at once on the pool where there is one (one task
+/// per item), else in order on this thread. `f` must not depend on the order.
+pub fn for_each<I>(items: I, f: impl Fn(I::Item) + Sync)
+where
+    I: IntoIterator,
+    I::IntoIter: Send,
+    I::Item: Send,
+{
+    let items = items.into_iter();
+    match executor() {
+        // The first item on this thread, the others handed to the pool meanwhile.
+        Executor::MultiThread(pool) => pool.in_place_scope(|s| {
+            let f = &f;
+            let mut items = items;
+            let first = items.next();
+            for item in items {
+                s.spawn(move |_| f(item));
+            }
+            if let Some(item) = first {
+                f(item);
+            }
+        }),
+        _ => items.for_each(f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    #[test]
+    fn every_part_runs_once_with_and_without_a_pool() {
+        for executor in [Executor::SingleThread, Executor::multithread(2)] {
+            let seen = Mutex::new(Vec::new());
+            scope(&executor, || {
+                for_each(0..5, |p| seen.lock().unwrap().push(p));
+            });
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort();
+            assert_eq!(seen, [0, 1, 2, 3, 4]);
+        }
+    }
+
+    #[test]
+    fn a_scope_lends_its_pool_and_gives_it_back() {
+        assert_eq!(threads(), 1);
+        scope(&Executor::multithread(2), || {
+            assert_eq!(threads(), 2);
+            let threads_seen = AtomicUsize::new(0);
+            let ids = Mutex::new(std::collections::HashSet::new());
+            for_each(0..64, |_| {
+                threads_seen.fetch_add(1, Ordering::Relaxed);
+                ids.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            });
+            assert_eq!(threads_seen.into_inner(), 64);
+            assert!(
+                ids.into_inner().unwrap().len() >= 2,
+                "one thread did every part"
+            );
+        });
+        assert_eq!(threads(), 1);
+    }
+}
