@@ -384,24 +384,28 @@ impl DirectConv {
 
     /// Whole blocks of channels: `w` and `b` hold theirs, `out` their outputs.
     fn run_blocks(&self, padded: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-        let g = &self.geometry;
-        match self.tile {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let g = &self.geometry;
             // SAFETY: `new` made the op only with a tile `Tile::available` lists, that
             // is, after detecting the target features these functions enable.
-            #[cfg(target_arch = "x86_64")]
-            Tile::Wide32x4 => unsafe { x86::wide32x4(g, padded, w, b, out) },
-            #[cfg(target_arch = "x86_64")]
-            Tile::Wide16x8 => unsafe { x86::wide16x8(g, padded, w, b, out) },
-            #[cfg(target_arch = "x86_64")]
-            Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no tile is available off x86-64"),
+            match self.tile {
+                Tile::Wide32x4 => unsafe { x86::wide32x4(g, padded, w, b, out) },
+                Tile::Wide16x8 => unsafe { x86::wide16x8(g, padded, w, b, out) },
+                Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (padded, w, b, out);
+            unreachable!("no tile is available off x86-64")
         }
     }
 }
 
 /// One image, every tile of `L` columns × `B` channels (inlined into each
 /// target-feature function so that it is compiled for those features).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn conv_image<const L: usize, const B: usize>(
     g: &Geometry,
@@ -430,6 +434,7 @@ fn conv_image<const L: usize, const B: usize>(
 
 /// `L` outputs from column `col` of output row `row`, for `B` channels:
 /// `acc[j][l] = (Σ_(c, dy, dx) w[c, dy, dx, j] · xp[c, row + dy, col + l + dx]) + b[j]`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn conv_tile<const L: usize, const B: usize>(
     g: &Geometry,

@@ -12,9 +12,10 @@
 //! A hand-off to a sleeping pool thread costs its wake-up (tens of µs on the 2-core VM
 //! this was measured on), which is as long as the half of a convolution it would take
 //! over: measured, two threads were then slower than one. So for the length of a
-//! scope (one U-Net call) the pool's other threads are kept awake, spinning, and take
-//! the parts as soon as they are handed over. The price is that those threads keep
-//! their cores busy for the whole call, also while tract runs its own operators.
+//! scope (one U-Net call) one other thread of the pool ([`SPINNING_HELPERS`]) is kept
+//! awake, spinning, and takes its part as soon as it is handed over. The price is that
+//! this thread keeps its core busy for the whole call, also while tract runs its own
+//! operators.
 //!
 //! Outside a scope, [`for_each`] uses tract's current executor (with a large U-Net,
 //! the pool tract's matrix products use), without the spinning.
@@ -25,18 +26,24 @@ use std::sync::Arc;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
 thread_local! {
-    /// The executor lent by [`scope`] on this thread, if any.
-    static LENT: RefCell<Option<Executor>> = const { RefCell::new(None) };
+    /// The executor lent by [`scope`] on this thread and how many of its threads
+    /// esddpm's operators use, if any.
+    static LENT: RefCell<Option<(Executor, usize)>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `executor` lent to esddpm's operators on this thread (tract's own
-/// operators keep whatever tract's executor is). Where `executor` is a pool, its other
-/// threads spin until `f` returns (module docs).
+/// operators keep whatever tract's executor is). Where `executor` is a pool, up to
+/// [`SPINNING_HELPERS`] of its threads spin until `f` returns (module docs).
 pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
-    let previous = LENT.replace(Some(executor.clone()));
+    let helpers = match executor {
+        Executor::MultiThread(pool) => pool.current_num_threads().saturating_sub(1),
+        _ => 0,
+    }
+    .min(SPINNING_HELPERS);
+    let previous = LENT.replace(Some((executor.clone(), 1 + helpers)));
     let awake = Arc::new(AtomicBool::new(true));
     if let Executor::MultiThread(pool) = executor {
-        for _ in 1..pool.current_num_threads() {
+        for _ in 0..helpers {
             let awake = awake.clone();
             pool.spawn(move || {
                 while awake.load(Ordering::Acquire) {
@@ -48,7 +55,7 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
         }
     }
     // Restored on the way out, also when `f` unwinds.
-    struct Restore(Option<Executor>, Arc<AtomicBool>);
+    struct Restore(Option<(Executor, usize)>, Arc<AtomicBool>);
     impl Drop for Restore {
         fn drop(&mut self) {
             self.1.store(false, Ordering::Release);
@@ -59,15 +66,25 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// How many of a lent pool's threads [`scope`] keeps spinning: one, beside the calling
+/// thread. Measured on 2 cores only; with more, the other threads stay asleep rather
+/// than burn their cores for gains not measured.
+pub const SPINNING_HELPERS: usize = 1;
+
 /// The executor esddpm's operators use here: the one [`scope`] lent, else tract's.
 fn executor() -> Executor {
-    LENT.with_borrow(|lent| lent.clone())
+    LENT.with_borrow(|lent| lent.as_ref().map(|(e, _)| e.clone()))
         .unwrap_or_else(current_tract_executor)
 }
 
-/// How many items [`for_each`] runs at once here (1 without a pool).
+/// How many threads esddpm's operators should split their work across here: in a
+/// [`scope`], the calling thread and its spinning helpers; outside one, the size of
+/// tract's current pool (1 without one).
 pub fn threads() -> usize {
-    match executor() {
+    if let Some(n) = LENT.with_borrow(|lent| lent.as_ref().map(|(_, n)| *n)) {
+        return n;
+    }
+    match current_tract_executor() {
         Executor::MultiThread(pool) => pool.current_num_threads().max(1),
         _ => 1,
     }
@@ -116,6 +133,14 @@ mod tests {
             seen.sort();
             assert_eq!(seen, [0, 1, 2, 3, 4]);
         }
+    }
+
+    #[test]
+    fn a_larger_pool_is_split_across_the_caller_and_one_spinning_helper() {
+        scope(&Executor::multithread(4), || {
+            assert_eq!(threads(), 1 + SPINNING_HELPERS)
+        });
+        scope(&Executor::SingleThread, || assert_eq!(threads(), 1));
     }
 
     #[test]
