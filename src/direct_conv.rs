@@ -40,6 +40,16 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+/// The values of `x` (f32) in C order: borrowed when its strides are natural, else
+/// copied.
+pub(crate) fn c_order_f32(x: &Tensor) -> TractResult<std::borrow::Cow<'_, [f32]>> {
+    if x.strides() == &*Tensor::natural_strides(x.shape()) {
+        Ok(x.try_as_plain_ram()?.as_slice::<f32>()?.into())
+    } else {
+        Ok(x.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+}
+
 /// The fewest multiply-adds per image for which a convolution is split across
 /// threads (when [`op_threads`] has more than one): below it a hand-off to the pool
 /// costs more than it saves.
@@ -320,14 +330,7 @@ impl DirectConv {
             g.cin,
             g.input
         );
-        let contiguous;
-        let x = if x.strides() == &*Tensor::natural_strides(shape) {
-            x
-        } else {
-            contiguous = x.to_plain_array_view::<f32>()?.to_owned().into_tensor();
-            &contiguous
-        };
-        let input = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let input = c_order_f32(x)?;
         let n = shape[0];
         let [hp, wp] = g.padded();
         let [ih, iw] = g.input;
@@ -483,95 +486,80 @@ mod x86 {
         conv_image::<32, 4>(g, xp, w, b, out)
     }
 
-    /// The 16 × 8 tile in AVX-512 intrinsics: the compiler did not vectorise the
-    /// generic `conv_image::<16, 8>` (scalar fused multiply-adds, 20x slower). The
-    /// same operations in the same order as `conv_tile`, so the same bits.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn wide16x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        const L: usize = 16;
-        const B: usize = 8;
-        let [oh, ow] = g.output;
-        let [hp, wp] = g.padded();
-        let [kh, kw] = g.kernel;
-        let cin = g.cin;
-        let taps = cin * kh * kw;
-        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
-        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
-        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
-        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
-            let channels = out.len() / (oh * ow);
-            for row in 0..oh {
-                for col in (0..ow).step_by(L) {
-                    let mut acc = [_mm512_setzero_ps(); B];
-                    for c in 0..cin {
-                        for dy in 0..kh {
-                            let line = (c * hp + row + dy) * wp + col;
-                            for dx in 0..kw {
-                                // SAFETY: the asserts above keep `line + dx + L` within
-                                // the padded image (`col + L <= ow`, `dx < kw`).
-                                let x = unsafe { _mm512_loadu_ps(xp.as_ptr().add(line + dx)) };
-                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
-                                for j in 0..B {
-                                    acc[j] = _mm512_fmadd_ps(x, _mm512_set1_ps(wt[j]), acc[j]);
+    /// A tile function in `std::arch` intrinsics: `$l` outputs of a row (one vector)
+    /// × `$b` channels, the same operations in the same order as `conv_tile`, so the
+    /// same bits.
+    macro_rules! intrinsic_tile {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $l:literal x $b:literal,
+         $zero:ident, $load:ident, $fmadd:ident, $set1:ident, $add:ident, $store:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) fn $name(
+                g: &Geometry,
+                xp: &[f32],
+                w: &[f32],
+                b: &[f32],
+                out: &mut [f32],
+            ) {
+                use std::arch::x86_64::*;
+                const L: usize = $l;
+                const B: usize = $b;
+                let [oh, ow] = g.output;
+                let [hp, wp] = g.padded();
+                let [kh, kw] = g.kernel;
+                let cin = g.cin;
+                let taps = cin * kh * kw;
+                assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
+                assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
+                let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
+                for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+                    let channels = out.len() / (oh * ow);
+                    for row in 0..oh {
+                        for col in (0..ow).step_by(L) {
+                            let mut acc = [$zero(); B];
+                            for c in 0..cin {
+                                for dy in 0..kh {
+                                    let line = (c * hp + row + dy) * wp + col;
+                                    for dx in 0..kw {
+                                        // SAFETY: the asserts above keep `line + dx + L`
+                                        // within the padded image (`col + L <= ow`,
+                                        // `dx < kw`).
+                                        let x = unsafe { $load(xp.as_ptr().add(line + dx)) };
+                                        let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
+                                        for j in 0..B {
+                                            acc[j] = $fmadd(x, $set1(wt[j]), acc[j]);
+                                        }
+                                    }
                                 }
+                            }
+                            for (j, acc) in acc.iter().enumerate().take(channels) {
+                                let y = $add(*acc, $set1(b[j]));
+                                let at = &mut out[(j * oh + row) * ow + col..][..L];
+                                // SAFETY: `at` holds L values.
+                                unsafe { $store(at.as_mut_ptr(), y) };
                             }
                         }
                     }
-                    for (j, acc) in acc.iter().enumerate().take(channels) {
-                        let y = _mm512_add_ps(*acc, _mm512_set1_ps(b[j]));
-                        let at = &mut out[(j * oh + row) * ow + col..][..L];
-                        // SAFETY: `at` holds L values.
-                        unsafe { _mm512_storeu_ps(at.as_mut_ptr(), y) };
-                    }
                 }
             }
-        }
+        };
     }
 
-    /// The 8 × 8 tile in AVX2 intrinsics (the generic `conv_image::<8, 8>` was not
-    /// vectorised well either). Same operations and order as `conv_tile`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn narrow8x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        const L: usize = 8;
-        const B: usize = 8;
-        let [oh, ow] = g.output;
-        let [hp, wp] = g.padded();
-        let [kh, kw] = g.kernel;
-        let cin = g.cin;
-        let taps = cin * kh * kw;
-        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
-        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
-        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
-        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
-            let channels = out.len() / (oh * ow);
-            for row in 0..oh {
-                for col in (0..ow).step_by(L) {
-                    let mut acc = [_mm256_setzero_ps(); B];
-                    for c in 0..cin {
-                        for dy in 0..kh {
-                            let line = (c * hp + row + dy) * wp + col;
-                            for dx in 0..kw {
-                                // SAFETY: as in `wide16x8`.
-                                let x = unsafe { _mm256_loadu_ps(xp.as_ptr().add(line + dx)) };
-                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
-                                for j in 0..B {
-                                    acc[j] = _mm256_fmadd_ps(x, _mm256_set1_ps(wt[j]), acc[j]);
-                                }
-                            }
-                        }
-                    }
-                    for (j, acc) in acc.iter().enumerate().take(channels) {
-                        let y = _mm256_add_ps(*acc, _mm256_set1_ps(b[j]));
-                        let at = &mut out[(j * oh + row) * ow + col..][..L];
-                        // SAFETY: `at` holds L values.
-                        unsafe { _mm256_storeu_ps(at.as_mut_ptr(), y) };
-                    }
-                }
-            }
-        }
-    }
+    intrinsic_tile!(
+        /// The 16 × 8 tile (AVX-512): the compiler did not vectorise the generic
+        /// `conv_image::<16, 8>` (scalar fused multiply-adds, 20x slower).
+        wide16x8, "avx512f,avx2,fma", 16 x 8,
+        _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps,
+        _mm512_storeu_ps
+    );
+
+    intrinsic_tile!(
+        /// The 8 × 8 tile (AVX2): the generic `conv_image::<8, 8>` was not vectorised
+        /// well either.
+        narrow8x8, "avx2,fma", 8 x 8,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps,
+        _mm256_storeu_ps
+    );
 }
 
 /// A [`DirectConv`]'s scratch, kept between runs of a plan's state: the padded input
@@ -743,20 +731,8 @@ pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractRe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::values;
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
-
-    /// A seeded value in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// One tract `Conv` of `x_shape` input with `cout` channels, `kernel` and
     /// `pad` (before, after) on both axes, stride `stride`; its bias is a constant, or

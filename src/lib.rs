@@ -48,6 +48,9 @@ pub mod rewrite;
 pub mod session;
 pub mod unet;
 
+#[cfg(test)]
+mod test_values;
+
 pub use config::{ClassifierEntry, EsddpmConfig, OutputRange, PriorEntry, SchedulerConfig};
 pub use control::{slerp, Paste};
 pub use error::{Error, ModelRole, Result};
