@@ -9,7 +9,7 @@
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
-//!     [--direct-tiles wide,wide16,narrow|none] [--group-norm fused|off]
+//!     [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -65,7 +65,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -459,7 +459,7 @@ fn profile(a: &Args) -> Res<Value> {
     // `--rewrite strides`: esddpm's plan without the direct convolutions
     // (`esddpm::direct_conv`), to measure what they gain.
     // `--direct-max-channels N`, `--direct-min-width N`, `--direct-tiles LIST` (of
-    // `wide`, `wide16`, `narrow`; `none`): esddpm's plan with another
+    // `wide`, `wide16`, `rows`, `narrow`; `none`): esddpm's plan with another
     // `direct_conv::Policy`.
     // `--group-norm off`: esddpm's plan without the fused group norms.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
@@ -486,6 +486,7 @@ fn profile(a: &Args) -> Res<Value> {
             .map(|t| match t {
                 "wide" => Tile::Wide32x4,
                 "wide16" => Tile::Wide16x8,
+                "rows" => Tile::Rows2x8,
                 "narrow" => Tile::Narrow8x8,
                 _ => usage(),
             })

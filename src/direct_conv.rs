@@ -26,13 +26,14 @@
 //! embedding into its first convolution's bias at batch 1), on x86-64, within the
 //! limits of the CPU's default [`Policy`]: with AVX-512F ([`Policy::avx512`]) up to 64
 //! output channels on rows of 16 columns or more in a multiple of 16 (tiles of 32 × 4
-//! and 16 × 8); with only AVX2 and FMA ([`Policy::avx2`]) up to 32 output channels on
-//! rows of 32 columns or more in a multiple of 8 (tiles of 8 × 8). A last partial
-//! tile of channels is computed on zero weights and not stored. Everything else, and
-//! every other CPU, stays with tract.
+//! and 16 × 8), or on an even number of rows of exactly 8 columns as wide as the input
+//! (two rows per vector, [`Tile::Rows2x8`]); with only AVX2 and FMA ([`Policy::avx2`])
+//! up to 32 output channels on rows of 32 columns or more in a multiple of 8 (tiles of
+//! 8 × 8). A last partial tile of channels is computed on zero weights and not stored.
+//! Everything else, and every other CPU, stays with tract.
 //!
-//! The 16 × 8 and 8 × 8 tiles are written in `std::arch` intrinsics: the compiler did
-//! not vectorise the generic loop for them (the 32 × 4 one it does).
+//! The 16 × 8, two-row and 8 × 8 tiles are written in `std::arch` intrinsics: the
+//! compiler did not vectorise the generic loop for them (the 32 × 4 one it does).
 
 use crate::op_threads;
 use tract_onnx::prelude::*;
@@ -50,6 +51,10 @@ pub(crate) fn c_order_f32(x: &Tensor) -> TractResult<std::borrow::Cow<'_, [f32]>
     }
 }
 
+/// Zeros before and after the scratch of a [`Tile::Rows2x8`] convolution, so that its
+/// shifted loads stay in the buffer.
+const ROWS_GUARD: usize = 16;
+
 /// The fewest multiply-adds per image for which a convolution is split across
 /// threads (when [`op_threads`] has more than one): below it a hand-off to the pool
 /// costs more than it saves.
@@ -65,6 +70,12 @@ pub enum Tile {
     /// 16 outputs (one 512-bit vector) × 8 channels: AVX-512F (with AVX2 and FMA),
     /// rows a multiple of 16 wide.
     Wide16x8,
+    /// 16 outputs (one 512-bit vector: two output rows of 8 columns) × 8 channels:
+    /// AVX-512F (with AVX2 and FMA), for output rows of exactly 8 columns, an even
+    /// number of them, as wide as the input rows (the horizontal padding is the
+    /// kernel's width − 1 in all, at most 15). Its scratch holds the input without
+    /// horizontal padding; masked loads give the zeros instead.
+    Rows2x8,
     /// 8 outputs (one 256-bit vector) × 8 channels: AVX2 and FMA, rows a multiple of 8.
     Narrow8x8,
 }
@@ -75,6 +86,7 @@ impl Tile {
         match self {
             Tile::Wide32x4 => 32,
             Tile::Wide16x8 => 16,
+            Tile::Rows2x8 => 8,
             Tile::Narrow8x8 => 8,
         }
     }
@@ -84,7 +96,21 @@ impl Tile {
         match self {
             Tile::Wide32x4 => 4,
             Tile::Wide16x8 => 8,
+            Tile::Rows2x8 => 8,
             Tile::Narrow8x8 => 8,
+        }
+    }
+
+    /// Whether the tile can compute a convolution of geometry `g`.
+    pub fn fits(self, g: &Geometry) -> bool {
+        match self {
+            Tile::Rows2x8 => {
+                g.output[1] == 8
+                    && g.output[0].is_multiple_of(2)
+                    && g.input[1] == 8
+                    && g.kernel[1] <= ROWS_GUARD
+            }
+            _ => g.output[1].is_multiple_of(self.width()),
         }
     }
 
@@ -99,6 +125,7 @@ impl Tile {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     tiles.push(Tile::Wide32x4);
                     tiles.push(Tile::Wide16x8);
+                    tiles.push(Tile::Rows2x8);
                 }
                 tiles.push(Tile::Narrow8x8);
             }
@@ -137,18 +164,18 @@ impl Default for Policy {
 }
 
 impl Policy {
-    /// With AVX-512: the 32-wide tile, then the 16-wide one, for rows of 16 columns or
-    /// more and up to 64 output channels. Measured on the shipped U-Net (`cargo bench
-    /// --bench unet_forward -- profile ... --direct-*`, 2-core AMD EPYC;
-    /// `docs/PERFORMANCE.md`, lever 6): tract's im2col path ran its 16- and 32-channel
-    /// convolutions at 40-55 GFLOP/s and its 64-channel one at 16 columns at ~80, where
-    /// these tiles run 75-98; at 8 columns (64 channels) tract runs 62-70 and the 8-wide
-    /// tile 55-57, so those stay with tract.
+    /// With AVX-512: the 32-wide tile, then the 16-wide one, then the two-row one, for
+    /// rows of 8 columns or more and up to 64 output channels. Measured on the shipped
+    /// U-Net (`cargo bench --bench unet_forward -- profile ... --direct-*`, 2-core AMD
+    /// EPYC; `docs/PERFORMANCE.md`, lever 8): tract's im2col path ran its 16- and
+    /// 32-channel convolutions at 40-55 GFLOP/s, its 64-channel one at 16 columns at
+    /// ~80 and its 8-column ones (64 channels) at 62-80, where these tiles run 75-98
+    /// (the 8-wide tile ran the 8-column ones at only 48-57).
     pub fn avx512() -> Self {
         Policy {
             max_output_channels: 64,
-            min_output_width: 16,
-            tiles: vec![Tile::Wide32x4, Tile::Wide16x8],
+            min_output_width: 8,
+            tiles: vec![Tile::Wide32x4, Tile::Wide16x8, Tile::Rows2x8],
         }
     }
 
@@ -165,15 +192,15 @@ impl Policy {
         }
     }
 
-    /// The first of the policy's available tiles whose width divides an output row of
-    /// `width`.
-    pub fn tile_for(&self, width: usize) -> Option<Tile> {
+    /// The first of the policy's available tiles that fits a convolution of
+    /// geometry `g` ([`Tile::fits`]).
+    pub fn tile_for(&self, g: &Geometry) -> Option<Tile> {
         let available = Tile::available();
         self.tiles
             .iter()
             .copied()
             .filter(|t| available.contains(t))
-            .find(|t| width.is_multiple_of(t.width()))
+            .find(|t| t.fits(g))
     }
 }
 
@@ -256,9 +283,11 @@ impl DirectConv {
             "{tile:?} is not available on this CPU"
         );
         ensure!(
-            g.output[1].is_multiple_of(tile.width()),
-            "{tile:?} does not divide an output row of {} columns",
-            g.output[1]
+            tile.fits(&g),
+            "{tile:?} does not fit output rows of {} columns ({} rows, input rows of {})",
+            g.output[1],
+            g.output[0],
+            g.input[1]
         );
         ensure!(g.kernel.iter().all(|&k| k >= 1) && g.cin >= 1 && g.cout >= 1);
         ensure!(g.output[0] >= 1);
@@ -338,12 +367,18 @@ impl DirectConv {
         let mut y = Tensor::zero::<f32>(&[n, g.cout, oh, ow])?;
         let mut view = y.try_as_plain_ram_mut()?;
         let out = view.as_slice_mut::<f32>()?;
+        // Rows of the padded width, or for `Rows2x8` of the input's width (no columns
+        // of zeros) between guards of zeros.
+        let (row_len, left, guard) = match self.tile {
+            Tile::Rows2x8 => (iw, 0, ROWS_GUARD),
+            _ => (wp, g.pad_before[1], 0),
+        };
         // Zeroed when (re)sized only: the borders stay zero, each image rewrites the
         // interior.
         let padded = &mut scratch.padded;
-        if padded.len() != g.cin * hp * wp {
+        if padded.len() != g.cin * hp * row_len + 2 * guard {
             padded.clear();
-            padded.resize(g.cin * hp * wp, 0.0);
+            padded.resize(g.cin * hp * row_len + 2 * guard, 0.0);
         }
         for (image, out) in input
             .chunks_exact(g.cin * ih * iw)
@@ -351,7 +386,7 @@ impl DirectConv {
         {
             for (c, plane) in image.chunks_exact(ih * iw).enumerate() {
                 for (r, row) in plane.chunks_exact(iw).enumerate() {
-                    let at = (c * hp + g.pad_before[0] + r) * wp + g.pad_before[1];
+                    let at = guard + (c * hp + g.pad_before[0] + r) * row_len + left;
                     padded[at..at + iw].copy_from_slice(row);
                 }
             }
@@ -395,6 +430,7 @@ impl DirectConv {
             match self.tile {
                 Tile::Wide32x4 => unsafe { x86::wide32x4(g, padded, w, b, out) },
                 Tile::Wide16x8 => unsafe { x86::wide16x8(g, padded, w, b, out) },
+                Tile::Rows2x8 => unsafe { x86::rows2x8(g, padded, w, b, out) },
                 Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
             }
         }
@@ -553,6 +589,70 @@ mod x86 {
         _mm512_storeu_ps
     );
 
+    /// The two-row tile (AVX-512): 16 outputs, rows `row` and `row + 1` of 8 columns,
+    /// × 8 channels. `xp` holds the input with its rows of 8 (no columns of zeros) and
+    /// its rows of zeros above and below, between `ROWS_GUARD` zeros; each tap loads 16
+    /// values shifted by `dx − pad_left`, the lanes whose column falls outside the row
+    /// masked to zero. The same operations in the same order as `conv_tile`, so the
+    /// same bits.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) fn rows2x8(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        use super::ROWS_GUARD;
+        use std::arch::x86_64::*;
+        const B: usize = 8;
+        const W: usize = 8;
+        let [oh, ow] = g.output;
+        let [hp, _] = g.padded();
+        let [kh, kw] = g.kernel;
+        let left = g.pad_before[1];
+        let cin = g.cin;
+        let taps = cin * kh * kw;
+        assert!(ow == W && oh.is_multiple_of(2) && g.input[1] == W && b.len() == w.len() / taps);
+        assert!(kw <= ROWS_GUARD && left < kw && hp >= oh + kh - 1);
+        assert!(xp.len() >= cin * hp * W + 2 * ROWS_GUARD);
+        // Lane l reads column (l % 8) + dx − left of its row: kept where that is in 0..8.
+        let mut masks = [0u16; ROWS_GUARD];
+        for (dx, mask) in masks.iter_mut().enumerate().take(kw) {
+            for l in 0..2 * W {
+                let col = (l % W + dx) as isize - left as isize;
+                if (0..W as isize).contains(&col) {
+                    *mask |= 1 << l;
+                }
+            }
+        }
+        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
+        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+            let channels = out.len() / (oh * ow);
+            for row in (0..oh).step_by(2) {
+                let mut acc = [_mm512_setzero_ps(); B];
+                for c in 0..cin {
+                    for dy in 0..kh {
+                        let line = ROWS_GUARD + (c * hp + row + dy) * W;
+                        for (dx, &mask) in masks.iter().enumerate().take(kw) {
+                            // SAFETY: `line + dx − left` ≥ ROWS_GUARD − left > 0, and its
+                            // 16 values end at most kw − 1 − left ≤ ROWS_GUARD past the
+                            // last input row (`row + 1 + dy < hp`): within `xp`, as the
+                            // asserts above check.
+                            let x = unsafe {
+                                _mm512_maskz_loadu_ps(mask, xp.as_ptr().add(line + dx - left))
+                            };
+                            let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
+                            for j in 0..B {
+                                acc[j] = _mm512_fmadd_ps(x, _mm512_set1_ps(wt[j]), acc[j]);
+                            }
+                        }
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate().take(channels) {
+                    let y = _mm512_add_ps(*acc, _mm512_set1_ps(b[j]));
+                    let at = &mut out[(j * oh + row) * W..][..2 * W];
+                    // SAFETY: `at` holds 16 values.
+                    unsafe { _mm512_storeu_ps(at.as_mut_ptr(), y) };
+                }
+            }
+        }
+    }
+
     intrinsic_tile!(
         /// The 8 × 8 tile (AVX2): the generic `conv_image::<8, 8>` was not vectorised
         /// well either.
@@ -687,7 +787,7 @@ fn direct_for(
     if geometry.output[1] < policy.min_output_width {
         return Ok(None);
     }
-    let Some(tile) = policy.tile_for(geometry.output[1]) else {
+    let Some(tile) = policy.tile_for(&geometry) else {
         return Ok(None);
     };
     let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
@@ -811,7 +911,8 @@ mod tests {
             .into_iter()
             .map(|t| Policy {
                 tiles: vec![t],
-                ..Policy::default()
+                max_output_channels: 64,
+                min_output_width: 8,
             })
             .collect();
         for (x_shape, cout, kernel, pad, bias_input) in [
@@ -827,6 +928,12 @@ mod tests {
             // 16 columns (the 16- and 8-wide tiles), 64 and 40 channels.
             ([1, 32, 16, 16], 64, [3, 3], (1, 1), false),
             ([2, 24, 8, 16], 40, [3, 3], (1, 1), true),
+            // 8 columns (the two-row and 8-wide tiles): padding on both sides, only
+            // on the right, only on the left; a partial block of channels.
+            ([1, 64, 8, 8], 64, [3, 3], (1, 1), false),
+            ([2, 5, 6, 8], 12, [3, 3], (1, 1), true),
+            ([1, 4, 4, 8], 8, [3, 3], (0, 2), false),
+            ([1, 3, 4, 8], 20, [2, 2], (1, 0), false),
         ] {
             let out_width = x_shape[3] + pad.0 + pad.1 + 1 - kernel[1];
             let model = conv_model(x_shape, cout, kernel, pad, 1, bias_input)?;
@@ -840,7 +947,15 @@ mod tests {
             let (want, _) = run(&model, None, &inputs)?;
             for policy in &policies {
                 let (got, replaced) = run(&model, Some(policy), &inputs)?;
-                let fits = policy.tile_for(out_width).is_some();
+                let g = Geometry {
+                    cin: x_shape[1],
+                    cout,
+                    kernel,
+                    input: [x_shape[2], x_shape[3]],
+                    pad_before: [pad.0, pad.0],
+                    output: [x_shape[2] + pad.0 + pad.1 + 1 - kernel[0], out_width],
+                };
+                let fits = policy.tile_for(&g).is_some();
                 assert_eq!(
                     replaced,
                     usize::from(fits),
@@ -867,7 +982,8 @@ mod tests {
             ([1, 16, 32, 32], 16, [1, 1], (0, 0), 1),  // 1x1: a plain product
             ([1, 16, 32, 32], 16, [3, 3], (1, 1), 2),  // strided
             ([1, 16, 30, 36], 16, [3, 3], (1, 1), 1),  // 36 columns: no tile divides
-            ([1, 64, 8, 8], 64, [3, 3], (1, 1), 1),    // 8 columns: tract is faster
+            ([1, 64, 7, 8], 64, [3, 3], (1, 1), 1),    // 7 rows of 8: not two by two
+            ([1, 16, 8, 10], 16, [3, 3], (0, 0), 1),   // rows of 8 from rows of 10
         ] {
             let mut model = conv_model(x_shape, cout, kernel, pad, stride, false)?;
             assert_eq!(
@@ -884,10 +1000,10 @@ mod tests {
         let Some(&narrow) = Tile::available().last() else {
             return Ok(());
         };
-        // 8 columns: tract's by default.
-        let model = conv_model([1, 32, 8, 8], 64, [3, 3], (1, 1), 1, false)?;
+        // 128 channels: tract's by default.
+        let model = conv_model([1, 32, 8, 8], 128, [3, 3], (1, 1), 1, false)?;
         let open = Policy {
-            max_output_channels: 64,
+            max_output_channels: 128,
             min_output_width: 8,
             tiles: vec![narrow],
         };
@@ -911,16 +1027,26 @@ mod tests {
 
     #[test]
     fn a_convolution_split_across_threads_gives_the_same_bits() -> TractResult<()> {
-        // 32 channels of 32 x 32 from 16: 4.7 M multiply-adds, over MIN_MACS_TO_SPLIT.
-        let model = conv_model([1, 16, 32, 32], 32, [3, 3], (1, 1), 1, true)?;
+        // 32 channels of 32 x 32 from 16: 4.7 M multiply-adds, over MIN_MACS_TO_SPLIT;
+        // the two-row tile: 64 channels of 8 x 8 from 64, 2.4 M.
+        for (x_shape, cout) in [([1, 16, 32, 32], 32), ([1, 64, 8, 8], 64)] {
+            split_gives_the_same_bits(x_shape, cout)?;
+        }
+        Ok(())
+    }
+
+    fn split_gives_the_same_bits(x_shape: [usize; 4], cout: usize) -> TractResult<()> {
+        let model = conv_model(x_shape, cout, [3, 3], (1, 1), 1, true)?;
         let inputs = [
-            Tensor::from_shape(&[1, 16, 32, 32], &values(16 * 1024, 8))?,
-            tensor1(&values(32, 9)),
+            Tensor::from_shape(&x_shape, &values(x_shape.iter().product(), 8))?,
+            tensor1(&values(cout, 9)),
         ];
-        for tile in Tile::available() {
+        let g = same_3x3(x_shape[1], cout, [x_shape[2], x_shape[3]]);
+        for tile in Tile::available().into_iter().filter(|t| t.fits(&g)) {
             let policy = Policy {
                 tiles: vec![tile],
-                ..Policy::default()
+                max_output_channels: 64,
+                min_output_width: 8,
             };
             let (alone, replaced) = run(&model, Some(&policy), &inputs)?;
             assert_eq!(replaced, 1);
@@ -949,14 +1075,36 @@ mod tests {
 
     #[test]
     fn every_tile_gives_the_same_bits() -> TractResult<()> {
-        let g = same_3x3(7, 16, [32, 32]);
-        let weights = values(16 * 7 * 9, 4);
-        let bias = values(16, 5);
-        let x = Tensor::from_shape(&[2, 7, 32, 32], &values(2 * 7 * 32 * 32, 6))?;
-        let outputs: Vec<Vec<u32>> = Tile::available()
-            .into_iter()
-            .map(|tile| {
-                let op = DirectConv::new(g, tile, &weights, Some(&bias))?;
+        // Rows of 32 (every tile but the two-row one) and of 8 (it and the 8-wide one).
+        for (side, tiles_that_fit) in [(32, 3), (8, 2)] {
+            let g = same_3x3(7, 16, [side, side]);
+            let weights = values(16 * 7 * 9, 4);
+            let bias = values(16, 5);
+            let x = Tensor::from_shape(&[2, 7, side, side], &values(2 * 7 * side * side, 6))?;
+            let tiles: Vec<Tile> = Tile::available()
+                .into_iter()
+                .filter(|t| t.fits(&g))
+                .collect();
+            if Tile::available().len() == 4 {
+                assert_eq!(tiles.len(), tiles_that_fit, "{side} columns: {tiles:?}");
+            }
+            same_bits_on(g, &tiles, &weights, &bias, &x)?;
+        }
+        Ok(())
+    }
+
+    /// Asserts that every tile of `tiles` computes the same bits for `x`.
+    fn same_bits_on(
+        g: Geometry,
+        tiles: &[Tile],
+        weights: &[f32],
+        bias: &[f32],
+        x: &Tensor,
+    ) -> TractResult<()> {
+        let outputs: Vec<Vec<u32>> = tiles
+            .iter()
+            .map(|&tile| {
+                let op = DirectConv::new(g, tile, weights, Some(bias))?;
                 let y = op.run(&mut Scratch::default(), &[x.clone().into_tvalue()])?;
                 Ok(y.try_as_plain_ram()?
                     .as_slice::<f32>()?
