@@ -182,8 +182,14 @@ impl PlanCache {
         if size > memory_limit {
             return None;
         }
-        let model =
-            crate::model::guarded(role, "cache", || self.nnef().model_for_path(path)).ok()?;
+        // The NNEF reader's casts of values to their own type go, so the model is the
+        // graph the ONNX path declutters (and esddpm's load-time rewrites match it).
+        let model = crate::model::guarded(role, "cache", || {
+            let mut model = self.nnef().model_for_path(path)?;
+            crate::rewrite::remove_identity_casts(&mut model)?;
+            Ok(model)
+        })
+        .ok()?;
         let inputs = model.input_outlets().ok()?;
         if inputs.len() != facts.len() {
             return None;

@@ -30,7 +30,6 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
-use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Silu};
@@ -501,39 +500,14 @@ fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fou
     }))
 }
 
-/// Removes the casts of a value to its own type, which tract's NNEF reader inserts
-/// around binary ops (so a decluttered model read back from the plan cache has them
-/// between every step of a group norm; `optimize` would remove them anyway).
-fn remove_identity_casts(model: &mut TypedModel) -> TractResult<()> {
-    let mut removed = false;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(cast) = node.op_as::<Cast>() else {
-            continue;
-        };
-        if node.inputs.len() != 1 || model.outlet_fact(node.inputs[0])?.datum_type != cast.to {
-            continue;
-        }
-        if let Some(patch) = TypedModelPatch::shunt_one_op(model, node)? {
-            patch.apply(model)?;
-            removed = true;
-        }
-    }
-    if removed {
-        model.compact()?;
-    }
-    Ok(())
-}
-
 /// Replaces every group norm of `model` (decluttered, before `optimize`) that tract
 /// expanded from an ONNX `Reshape` → `InstanceNormalization` → `Reshape` → `Mul` →
 /// `Add` (→ SiLU) with a [`GroupNorm`] (module docs). Returns how many were replaced.
 ///
-/// Casts of a value to its own type are removed first: tract's NNEF reader puts them
-/// around binary ops, so a model read back from the plan cache has them inside the
-/// pattern.
+/// A model read back from the plan cache matches too: the cache removes the casts of
+/// a value to its own type that tract's NNEF reader puts inside the pattern
+/// ([`crate::rewrite::remove_identity_casts`]).
 pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
-    remove_identity_casts(model)?;
     let mut fused = 0;
     for id in 0..model.nodes().len() {
         let Some(found) = group_norm_at(model, model.node(id))? else {
@@ -560,6 +534,7 @@ pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
     use crate::test_values::values;
+    use tract_onnx::tract_core::ops::cast::Cast;
     use tract_onnx::tract_core::ops::math;
     use tract_onnx::tract_core::ops::nn::silu::silu;
 
@@ -855,8 +830,10 @@ mod tests {
     }
 
     #[test]
-    fn casts_to_the_same_type_do_not_hide_the_pattern() {
-        let model = decomposed("casts");
+    fn casts_to_the_same_type_do_not_hide_the_pattern_once_removed() {
+        // As the plan cache does for a model it reads back.
+        let mut model = decomposed("casts");
+        crate::rewrite::remove_identity_casts(&mut model).unwrap();
         let (m, n) = fused(&model);
         assert_eq!(n, 1);
         let op = the_op(&m);

@@ -1,8 +1,11 @@
-//! Load-time rewrites of tract's optimised model, each one answering a line of the
-//! profile in `docs/PERFORMANCE.md`. They change how tract computes, never what: the
-//! outputs stay bit for bit those of the model without them (tested).
+//! Load-time rewrites of tract's models that change how tract computes, never what:
+//! the outputs stay bit for bit those of the model without them (tested). Natural
+//! strides for constants answer a line of the profile in `docs/PERFORMANCE.md`
+//! (optimised model); removing identity casts makes a decluttered model read back from
+//! the plan cache the graph the ONNX path gives.
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::cast::Cast;
 use tract_onnx::tract_core::ops::konst::Const;
 
 /// Gives every plain constant of `model` natural (C-order) strides.
@@ -56,6 +59,32 @@ pub fn natural_const_strides(model: &mut TypedModel) -> TractResult<usize> {
         fixed += 1;
     }
     Ok(fixed)
+}
+
+/// Removes the casts of a value to its own type, which tract's NNEF reader inserts
+/// around binary ops: a decluttered model read back from the plan cache then has the
+/// same graph as one decluttered from the ONNX file, so esddpm's pattern rewrites
+/// (`group_norm`, `direct_conv`) match it alike (`optimize` would remove the casts
+/// anyway, but after them). Returns how many were removed.
+pub fn remove_identity_casts(model: &mut TypedModel) -> TractResult<usize> {
+    let mut removed = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(cast) = node.op_as::<Cast>() else {
+            continue;
+        };
+        if node.inputs.len() != 1 || model.outlet_fact(node.inputs[0])?.datum_type != cast.to {
+            continue;
+        }
+        if let Some(patch) = TypedModelPatch::shunt_one_op(model, node)? {
+            patch.apply(model)?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        model.compact()?;
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
