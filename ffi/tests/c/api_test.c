@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int failures = 0;
 static int checks = 0;
@@ -44,6 +45,18 @@ static int checks = 0;
     } while (0)
 
 #define OK(call) CHECK_STATUS(call, ESD_STATUS_OK)
+
+/* Prints how long the part of the test that just ended took (to stderr), so that a slow
+ * run (Valgrind) shows where its time goes. */
+static void section_done(const char *name) {
+    static struct timespec last;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    if (last.tv_sec != 0 || last.tv_nsec != 0)
+        fprintf(stderr, "api_test: %-24s %8.2f s\n", name,
+                (double)(now.tv_sec - last.tv_sec) + (double)(now.tv_nsec - last.tv_nsec) * 1e-9);
+    last = now;
+}
 
 static int all_bytes(const unsigned char *p, size_t n, unsigned char v) {
     size_t i;
@@ -483,6 +496,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     dir = argv[1];
+    section_done("start");
 
     /* Version and status strings. */
     CHECK(esd_version() == ESD_VERSION);
@@ -514,6 +528,7 @@ int main(int argc, char **argv) {
 
     OK(esd_pipeline_image_shape(p, &c, &h, &w));
     CHECK(c == 1 && h == 32 && w == 32);
+    section_done("load");
     CHECK_STATUS(esd_pipeline_image_shape(NULL, &c, &h, &w), ESD_STATUS_NULL_ARGUMENT);
     CHECK_STATUS(esd_pipeline_image_shape(p, NULL, &h, &w), ESD_STATUS_NULL_ARGUMENT);
     CHECK_STATUS(esd_pipeline_image_shape(p, &c, NULL, &w), ESD_STATUS_NULL_ARGUMENT);
@@ -619,6 +634,8 @@ int main(int argc, char **argv) {
     CHECK(memcmp(b, small, 2 * img) == 0);
     gp.seed = 42;
 
+    section_done("generate and parameters");
+
     /* Progress callback with preview; cancellation from the callback. */
     memset(&log, 0, sizeof log);
     pthread_mutex_init(&log.lock, NULL);
@@ -667,6 +684,7 @@ int main(int argc, char **argv) {
         CHECK(all_bytes(small, 2 * img, 0xAB));
     }
     OK(esd_pipeline_set_progress(p, NULL, NULL, 0));
+    section_done("progress and cancel");
 
     /* Session: step by step equals generate. */
     {
@@ -716,6 +734,8 @@ int main(int argc, char **argv) {
         esd_session_free(NULL);
         free(pv);
     }
+
+    section_done("sessions");
 
     /* Control: latents and interpolation, class labels, img2img, inpainting. */
     {
@@ -767,6 +787,8 @@ int main(int argc, char **argv) {
         free(mid);
         free(mask);
     }
+
+    section_done("control");
 
     /* From memory: the same bytes; a corrupt model; bad text. */
     {
@@ -828,10 +850,15 @@ int main(int argc, char **argv) {
         free(vn);
     }
 
+    section_done("from memory");
     test_sampler_only();
+    section_done("sampler only");
     test_threads(p, img);
+    section_done("threads");
     test_hostile_models(dir);
+    section_done("hostile models");
     test_plan_cache(dir);
+    section_done("plan cache");
 
     esd_pipeline_free(p);
     esd_pipeline_free(NULL);
