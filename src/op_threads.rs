@@ -17,6 +17,9 @@
 //! this thread keeps its core busy for the whole call, also while tract runs its own
 //! operators.
 //!
+//! [`on_pool`] does the same for a large U-Net, whose matrix products tract splits
+//! itself: it runs the U-Net from a pool thread, with the helper spinning beside it.
+//!
 //! Outside a scope, [`for_each`] uses tract's current executor (with a large U-Net,
 //! the pool tract's matrix products use), without the spinning.
 
@@ -42,10 +45,16 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
     .min(SPINNING_HELPERS);
     let previous = LENT.replace(Some((executor.clone(), 1 + helpers)));
     let awake = Arc::new(AtomicBool::new(true));
+    // Inside `on_pool` this thread is one of the pool's: should it pick the helper's
+    // job up itself (while waiting in a join), the helper returns at once.
+    let owner = rayon::current_thread_index();
     if let Executor::MultiThread(pool) = executor {
         for _ in 0..helpers {
             let awake = awake.clone();
             pool.spawn(move || {
+                if owner.is_some() && rayon::current_thread_index() == owner {
+                    return;
+                }
                 while awake.load(Ordering::Acquire) {
                     if rayon::yield_now() != Some(rayon::Yield::Executed) {
                         std::hint::spin_loop();
@@ -64,6 +73,21 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(previous, awake);
     f()
+}
+
+/// Runs `f` on one of `executor`'s pool threads, in a [`scope`] of that pool (lever 10
+/// in `docs/PERFORMANCE.md`). tract's matrix products split their work with rayon:
+/// called from outside the pool, each one hands its parts to sleeping pool threads and
+/// waits, paying a wake-up per product. From inside, the calling thread takes parts
+/// itself and the spinning helper takes the others at once. Same bits either way.
+/// Without a pool of two or more threads, `f` runs here.
+pub fn on_pool<R: Send>(executor: &Executor, f: impl FnOnce() -> R + Send) -> R {
+    match executor {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => {
+            pool.install(|| scope(executor, f))
+        }
+        _ => f(),
+    }
 }
 
 /// How many of a lent pool's threads [`scope`] keeps spinning: one, beside the calling
@@ -133,6 +157,31 @@ mod tests {
             seen.sort();
             assert_eq!(seen, [0, 1, 2, 3, 4]);
         }
+    }
+
+    #[test]
+    fn on_pool_runs_on_the_pool_and_nested_joins_finish() {
+        let pool = Executor::multithread(2);
+        // Many short joins: the calling pool thread may pick the helper's own job up
+        // while it waits in one; that job must return at once rather than spin.
+        let (index, sum) = on_pool(&pool, || {
+            let mut sum = 0u64;
+            for i in 0..2000u64 {
+                let (a, b) = rayon::join(|| i, || i + 1);
+                sum += a + b;
+            }
+            (rayon::current_thread_index(), sum)
+        });
+        assert!(index.is_some(), "f did not run on the pool");
+        assert_eq!(sum, 2000 * 2000);
+        assert_eq!(
+            on_pool(&Executor::SingleThread, rayon::current_thread_index),
+            None
+        );
+        assert_eq!(
+            on_pool(&Executor::multithread(1), rayon::current_thread_index),
+            None
+        );
     }
 
     #[test]

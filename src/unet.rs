@@ -198,7 +198,8 @@ impl Unet {
 
     /// Runs the U-Net on a batch (`x`: `n` images) image by image with batch-1 run
     /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
-    /// images in turn on `executor`; when the U-Net is too small for tract's threads to
+    /// images in turn on `executor`, run from one of its pool threads with another
+    /// spinning for tract's parallel matrix products ([`crate::op_threads::on_pool`]); when the U-Net is too small for tract's threads to
     /// pay ([`Self::threads_pay_at_batch_1`]), tract runs on one thread and `executor`
     /// goes to esddpm's own operators only ([`crate::op_threads::scope`]). Several: contiguous runs of
     /// images on scoped OS threads, one state and one core each (tract's executor
@@ -229,10 +230,13 @@ impl Unet {
         }
         if let [state] = states {
             if self.threads_pay_at_batch_1() {
-                for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
-                    self.run_in(state, xi, t, oi, executor)?;
-                }
-                return Ok(());
+                // From a pool thread, with one helper spinning (`op_threads::on_pool`).
+                return crate::op_threads::on_pool(executor, move || {
+                    for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
+                        self.run_in(state, xi, t, oi, executor)?;
+                    }
+                    Ok(())
+                });
             }
             // A small U-Net keeps tract on one thread and lends the pool to esddpm's
             // own operators only (`op_threads`).

@@ -115,3 +115,24 @@ fn the_shipped_unet_is_too_small_for_threads_at_batch_1() {
         bits(one.generate(&o).unwrap())
     );
 }
+
+#[test]
+fn tracts_threads_from_inside_the_pool_give_the_same_bits() {
+    // `op_threads::on_pool` (a large U-Net's lone image): tract's matrix products split
+    // across two pool threads, started from one of them, against one thread.
+    let p = load(1);
+    let [c, h, w] = p.unet().sample_shape();
+    let x: Vec<f32> = (0..c * h * w)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    let run = |exec: &tract_linalg::multithread::Executor| {
+        let mut out = vec![0.0f32; c * h * w];
+        esddpm::op_threads::on_pool(exec, || p.unet().run(1, &x, 500, &mut out, exec)).unwrap();
+        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let single = run(&tract_linalg::multithread::Executor::SingleThread);
+    let pool = tract_linalg::multithread::Executor::multithread(2);
+    for _ in 0..3 {
+        assert_eq!(run(&pool), single);
+    }
+}
