@@ -288,7 +288,8 @@ def markdown(res):
     L.append("tract batched = one forward of the batch's plan on tract's executor; esddpm "
              "path = what esddpm runs (`Unet::run_images`, as `Session::step`): batch-1 "
              "forwards, the images split across the threads as OS threads; a lone image on "
-             "tract's executor, or, when the U-Net is under 2 GFLOP "
+             "tract's executor from one of its pool threads, another spinning, or, when "
+             "the U-Net is under 2 GFLOP "
              "(`Unet::threads_pay_at_batch_1`), with tract on one thread and esddpm's own "
              "operators on the threads (`esddpm::op_threads`).")
     L.append("")
