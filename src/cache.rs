@@ -108,7 +108,7 @@ impl PlanCache {
         format!("{:032x}", hasher.digest128())
     }
 
-    fn hasher() -> Xxh3 {
+    pub(crate) fn hasher() -> Xxh3 {
         // The version and format go in as a seed-like prefix: a new esddpm or format
         // gets new keys.
         let mut h = Xxh3::new();

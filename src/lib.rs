@@ -30,6 +30,7 @@
 
 pub mod cache;
 pub mod classifier;
+mod codegen;
 pub mod config;
 pub mod control;
 pub mod dataset;
@@ -41,6 +42,7 @@ pub mod group_norm;
 pub mod images;
 pub mod memory;
 pub mod model;
+mod onnx_file;
 pub mod op_threads;
 pub mod pipeline;
 pub mod prior;

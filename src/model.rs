@@ -4,7 +4,8 @@
 use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
-use crate::{direct_conv, group_norm, rewrite};
+use crate::onnx_file::OnnxFile;
+use crate::{codegen, direct_conv, group_norm, rewrite};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -98,11 +99,21 @@ pub struct OnnxModel {
 
 /// Where plans are made from.
 enum Source {
-    /// The parsed ONNX model.
-    Parsed(Box<InferenceModel>),
-    /// Not parsed yet: a start whose plans come from the plan cache reads the file only
-    /// if a plan is missing from it (the file must still hash to the key).
-    File(PathBuf),
+    /// A model loaded from bytes: parsed once and kept, since it cannot be read again.
+    Bytes(Box<InferenceModel>),
+    /// A model loaded from a file. Its parsed form is not kept: the first plan takes
+    /// it (`parsed`), and a later plan (another batch size, or a plan missing from the
+    /// plan cache) reads the file again, so the weights live in the plans only.
+    File {
+        path: PathBuf,
+        /// The hash of the file's bytes when loaded ([`PlanCache::key_of_file`]): a
+        /// file changed since is an error, not another model.
+        key: String,
+        /// The parsed model until a plan takes it.
+        parsed: Option<Box<InferenceModel>>,
+        /// Whether the file has been parsed in this process.
+        was_parsed: bool,
+    },
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -142,16 +153,11 @@ impl OnnxModel {
         memory_limit: u64,
         cache: Option<&PlanCache>,
     ) -> Result<Self> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let size = std::fs::metadata(path).map_err(io)?.len();
-        memory::check(memory_limit, u128::from(size), || {
-            format!("reading the {role} model file {}", path.display())
-        })?;
         let cache = match cache {
-            Some(c) => Some((c.clone(), PlanCache::key_of_file(path)?)),
+            Some(c) => {
+                Self::check_file_size(role, path, memory_limit)?;
+                Some((c.clone(), PlanCache::key_of_file(path)?))
+            }
             None => None,
         };
         if let Some((c, key)) = &cache {
@@ -159,24 +165,35 @@ impl OnnxModel {
                 memory::check(memory_limit, u128::from(meta.declared_weights), || {
                     format!("the {role} model's declared weights")
                 })?;
-                return Ok(Self::new(
-                    role,
-                    Source::File(path.to_path_buf()),
-                    meta,
-                    memory_limit,
-                    cache,
-                ));
+                let source = Source::File {
+                    path: path.to_path_buf(),
+                    key: key.clone(),
+                    parsed: None,
+                    was_parsed: false,
+                };
+                return Ok(Self::new(role, source, meta, memory_limit, cache));
             }
         }
-        let (parsed, meta) = Self::parse_file(role, path, memory_limit)?;
-        if let Some((c, key)) = &cache {
-            c.write_meta(key, &meta)?;
+        let (parsed, meta, key) = Self::parse_file(role, path, memory_limit)?;
+        if let Some((c, cache_key)) = &cache {
+            if *cache_key != key {
+                return Err(Self::changed(role, path));
+            }
+            c.write_meta(cache_key, &meta)?;
         }
-        Ok(Self::new(role, parsed, meta, memory_limit, cache))
+        let source = Source::File {
+            path: path.to_path_buf(),
+            key,
+            parsed: Some(Box::new(parsed)),
+            was_parsed: true,
+        };
+        Ok(Self::new(role, source, meta, memory_limit, cache))
     }
 
     /// Parses an ONNX model from memory (a game's asset pack, say), under
-    /// `memory_limit` bytes.
+    /// `memory_limit` bytes. The parsed model is kept to plan other batch sizes (the
+    /// bytes cannot be read again), so the weights are held twice while a plan is
+    /// made: [`Self::from_path`] holds them once.
     pub fn from_bytes(role: ModelRole, bytes: &[u8], memory_limit: u64) -> Result<Self> {
         Self::from_bytes_cached(role, bytes, memory_limit, None)
     }
@@ -189,9 +206,16 @@ impl OnnxModel {
         memory_limit: u64,
         cache: Option<&PlanCache>,
     ) -> Result<Self> {
-        let (parsed, meta) = Self::parse(role, decode(role, bytes)?, memory_limit)?;
+        let (parsed, meta) = Self::parse(
+            role,
+            &tract_onnx::onnx(),
+            decode(role, bytes)?,
+            None,
+            memory_limit,
+        )?;
         let cache = cache.map(|c| (c.clone(), PlanCache::key_of_bytes(bytes)));
-        Ok(Self::new(role, parsed, meta, memory_limit, cache))
+        let source = Source::Bytes(Box::new(parsed));
+        Ok(Self::new(role, source, meta, memory_limit, cache))
     }
 
     fn new(
@@ -213,27 +237,71 @@ impl OnnxModel {
         }
     }
 
-    fn parse_file(role: ModelRole, path: &Path, memory_limit: u64) -> Result<(Source, Meta)> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
+    fn check_file_size(role: ModelRole, path: &Path, memory_limit: u64) -> Result<u64> {
+        let size = std::fs::metadata(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        memory::check(memory_limit, u128::from(size), || {
+            format!("reading the {role} model file {}", path.display())
         })?;
-        let pb = decode(role, &bytes)?;
-        // The file's bytes are not needed once decoded: one copy of the weights fewer
-        // at the load's peak.
-        drop(bytes);
-        Self::parse(role, pb, memory_limit)
+        Ok(size)
     }
 
-    fn parse(role: ModelRole, pb: pb::ModelProto, memory_limit: u64) -> Result<(Source, Meta)> {
-        let onnx = tract_onnx::onnx();
+    fn changed(role: ModelRole, path: &Path) -> Error {
+        Error::ModelLoad {
+            role,
+            message: format!(
+                "{} changed since it was loaded; load it again",
+                path.display()
+            ),
+        }
+    }
+
+    /// Reads and parses `path` with its weights in memory once at a time
+    /// ([`OnnxFile`]); also returns the file's key.
+    fn parse_file(
+        role: ModelRole,
+        path: &Path,
+        memory_limit: u64,
+    ) -> Result<(InferenceModel, Meta, String)> {
+        let size = Self::check_file_size(role, path, memory_limit)?;
+        let file = OnnxFile::read(role, path, size)?;
+        let mut onnx = tract_onnx::onnx();
+        onnx.provider = file.resolver;
+        let dir = file.model_dir.as_deref();
+        let (model, meta) = Self::parse(role, &onnx, file.proto, dir, memory_limit)?;
+        // The protobuf's buffers are freed: give them back before the plan's weights.
+        codegen::return_free_memory();
+        Ok((model, meta, file.key))
+    }
+
+    /// Builds tract's model from `pb` (`model_dir`: where external data lives).
+    fn parse(
+        role: ModelRole,
+        onnx: &tract_onnx::Onnx,
+        pb: pb::ModelProto,
+        model_dir: Option<&str>,
+        memory_limit: u64,
+    ) -> Result<(InferenceModel, Meta)> {
         // The weights as declared, before tract builds a tensor of any of them.
         let declared = memory::declared_weight_bytes(&pb);
         memory::check(memory_limit, declared, || {
             format!("the {role} model's declared weights")
         })?;
         let declared_weights = u64::try_from(declared).unwrap_or(u64::MAX);
-        let proto = guarded(role, "parse", || onnx.model_for_proto_model(&pb))?;
+        let proto = guarded(role, "parse", || {
+            let parsed = onnx.parse(&pb, model_dir)?;
+            if !parsed.unresolved_inputs.is_empty() {
+                tract_onnx::tract_core::internal::bail!(
+                    "could not resolve inputs at top level: {:?}",
+                    parsed.unresolved_inputs
+                );
+            }
+            Ok(parsed.model)
+        })?;
         drop(pb);
         let inputs = proto
             .input_outlets()
@@ -262,31 +330,31 @@ impl OnnxModel {
             outputs,
             declared_weights,
         };
-        Ok((Source::Parsed(Box::new(proto)), meta))
+        Ok((proto, meta))
     }
 
-    /// The parsed model, parsing the file first if this start came from the cache.
+    /// The parsed model for a plan: taken from a file's load (not kept), read from the
+    /// file again when already taken, or a copy of a model loaded from bytes.
     fn parsed(&self) -> Result<InferenceModel> {
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
-        if let Source::File(path) = &*source {
-            let role = self.role;
-            if let Some((_, key)) = &self.cache {
-                if PlanCache::key_of_file(path)? != *key {
-                    return Err(Error::ModelLoad {
-                        role,
-                        message: format!(
-                            "{} changed since it was loaded; load it again",
-                            path.display()
-                        ),
-                    });
+        match &mut *source {
+            Source::Bytes(m) => Ok((**m).clone()),
+            Source::File {
+                path,
+                key,
+                parsed,
+                was_parsed,
+            } => {
+                if let Some(m) = parsed.take() {
+                    return Ok(*m);
                 }
+                let (m, _, read_key) = Self::parse_file(self.role, path, self.memory_limit)?;
+                if read_key != *key {
+                    return Err(Self::changed(self.role, path));
+                }
+                *was_parsed = true;
+                Ok(m)
             }
-            let (parsed, _) = Self::parse_file(role, path, self.memory_limit)?;
-            *source = parsed;
-        }
-        match &*source {
-            Source::Parsed(m) => Ok((**m).clone()),
-            Source::File(_) => unreachable!("parsed above"),
         }
     }
 
@@ -294,7 +362,10 @@ impl OnnxModel {
     /// plans all came from the plan cache ([`crate::cache`]).
     pub fn is_parsed(&self) -> bool {
         let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
-        matches!(&*source, Source::Parsed(_))
+        match &*source {
+            Source::Bytes(_) => true,
+            Source::File { was_parsed, .. } => *was_parsed,
+        }
     }
 
     /// The memory limit this model was loaded with, in bytes.
@@ -405,7 +476,7 @@ impl OnnxModel {
             let mut optimised = decluttered;
             group_norm::fuse_group_norms(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
-            optimised.optimize()?;
+            codegen::optimize(&mut optimised)?;
             rewrite::natural_const_strides(&mut optimised)?;
             optimised.into_runnable()
         })
