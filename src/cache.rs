@@ -11,8 +11,8 @@
 //!
 //! A start with the cache reads the ONNX file only to hash it; the plan comes from the
 //! NNEF file and tract's codegen pass. On the cifar-size U-Net that takes load-to-first-
-//! step from 0.83 s to 0.59 s and the peak RSS from 2.42x to 1.48x the weights
-//! (docs/PERFORMANCE.md); a first start pays ~0.2 s to write the entry. The outputs are
+//! step from 0.85 s to 0.62 s, at a peak RSS of 1.39x the weights (1.41x without the
+//! cache; docs/PERFORMANCE.md); a first start pays ~0.2 s to write the entry. The outputs are
 //! the same bits as without the cache (tested).
 //!
 //! Entries are keyed by the model's bytes, the cache format and esddpm's version, so a

@@ -16,7 +16,9 @@
 //! ([`return_free_memory`]). Everything else stays with tract's passes. The plan is
 //! the one `TypedModel::optimize` makes (tested: same operators, same bits).
 //!
-//! Measured on the ddpm-cifar10 U-Net (143 MB of weights; docs/PERFORMANCE.md).
+//! Measured on the ddpm-cifar10 U-Net (143 MB of weights; docs/PERFORMANCE.md, the
+//! eleventh lever): with `onnx_file`, a start's peak RSS 349 -> 204 MB (median of 4);
+//! the codegen takes ~0.1 s more.
 
 use std::collections::HashSet;
 use tract_onnx::prelude::*;

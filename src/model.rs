@@ -84,8 +84,10 @@ fn error_for(role: ModelRole, what: &str, message: String) -> Error {
     }
 }
 
-/// An ONNX model, parsed once; optimised plans are made per batch size on demand and
-/// cached (and, with a [`PlanCache`], saved for the next start).
+/// An ONNX model; optimised plans are made per batch size on demand and cached (and,
+/// with a [`PlanCache`], saved for the next start). A model read from a file keeps no
+/// parsed copy (its weights live in its plans only): a plan for a new batch size reads
+/// the file again.
 pub struct OnnxModel {
     role: ModelRole,
     source: Mutex<Source>,
