@@ -33,8 +33,8 @@ pub struct LoadOptions {
     pub memory_limit: u64,
     /// A directory for the plan cache ([`crate::cache`]): tract's decluttered models,
     /// saved on the first start, make later starts skip parsing the ONNX files and most
-    /// of the optimisation (cifar-size U-Net: load-to-first-step 0.83 -> 0.59 s, peak
-    /// RSS 2.42x -> 1.48x the weights). Created if missing; keep it private to the
+    /// of the optimisation (cifar-size U-Net: load-to-first-step 0.85 -> 0.62 s, at a
+    /// peak RSS of 1.39x the weights). Created if missing; keep it private to the
     /// application. `None` (default) = no cache.
     pub plan_cache: Option<PathBuf>,
 }
