@@ -28,6 +28,7 @@
 
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod cache;
 pub mod classifier;
 mod codegen;

@@ -5,7 +5,7 @@ use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::onnx_file::OnnxFile;
-use crate::{codegen, direct_conv, group_norm, rewrite};
+use crate::{attention, codegen, direct_conv, group_norm, rewrite};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -477,6 +477,7 @@ impl OnnxModel {
         guarded(role, "optimise", move || {
             let mut optimised = decluttered;
             group_norm::fuse_group_norms(&mut optimised)?;
+            attention::fuse_attention(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
             codegen::optimize(&mut optimised)?;
             rewrite::natural_const_strides(&mut optimised)?;

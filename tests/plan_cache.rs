@@ -190,3 +190,34 @@ fn an_unusable_cache_directory_is_an_io_error() {
         other => panic!("expected an Io error, got {other}"),
     }
 }
+
+#[test]
+fn a_plan_from_the_cache_has_esddpms_operators_like_one_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = PlanCache::new(dir.path().join("plans"));
+    let file = shipped().join("unet.onnx");
+    let limit = memory::DEFAULT_MEMORY_LIMIT;
+    let ops = |cache: Option<&PlanCache>| -> Vec<(String, usize)> {
+        let m = OnnxModel::from_path_cached(ModelRole::Unet, &file, limit, cache).unwrap();
+        let unet = Unet::new(m, [1, 32, 32]).unwrap();
+        let plan = unet.plan(1).unwrap();
+        ["EsddpmAttention", "EsddpmGroupNorm", "EsddpmDirectConv"]
+            .iter()
+            .map(|name| {
+                let n = plan
+                    .model()
+                    .nodes()
+                    .iter()
+                    .filter(|n| n.op.name() == *name)
+                    .count();
+                (name.to_string(), n)
+            })
+            .collect()
+    };
+    let direct = ops(None);
+    assert_eq!(direct[0], ("EsddpmAttention".to_string(), 4), "{direct:?}");
+    // Group norms always; direct convolutions only on x86-64 with AVX2 and FMA.
+    assert!(direct[1].1 > 0, "{direct:?}");
+    drop(ops(Some(&cache)));
+    assert_eq!(ops(Some(&cache)), direct, "second start, from the cache");
+}

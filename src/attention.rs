@@ -1,0 +1,974 @@
+//! A fused attention (issue 6, lever 12 in `docs/PERFORMANCE.md`).
+//!
+//! A diffusers attention block exported to ONNX computes, per head `h`,
+//!
+//! ```text
+//! S = Q Kᵀ            (Q: N × D queries, K: M × D keys, the scale already in Q and K)
+//! P = softmax(S)      (over the M keys, per query)
+//! O = P V             (V: M × E values; O: N × E)
+//! ```
+//!
+//! tract runs that as two matrix products with a softmax between them: the `N × M`
+//! scores are written, packed for the second product and read back, with three
+//! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
+//! time: the scores of four queries against all keys (register tiles of 4 queries ×
+//! 64 keys), tract's own softmax kernel on each row (`tract_linalg`'s row softmax, the
+//! one tract's `Softmax` runs), then the four output rows (tiles of 4 × 16 values).
+//! The scores never leave the cache. Heads and blocks of queries are split across
+//! esddpm's operator threads ([`crate::op_threads`]).
+//!
+//! [`fuse_attention`] finds `EinSum(q, k) → Softmax → EinSum(·, v)` in a decluttered
+//! model, in whatever axis order tract left the inputs (read from the einsums' axes:
+//! one optional head axis, the query, key and feature axes), and swaps it for the op.
+//! Anything else stays with tract.
+
+use crate::op_threads;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+
+/// Queries per tile.
+const ROWS: usize = 4;
+/// Keys per score tile.
+const KEYS: usize = 64;
+/// Values per output tile.
+const VALS: usize = 16;
+/// Queries per unit of work handed to a thread.
+const QUERY_BLOCK: usize = 64;
+
+/// Where each role's axis is in a tensor: an optional head axis, the row axis (queries,
+/// or keys for K and V) and the feature axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Axes {
+    /// The head axis, when there are several heads.
+    pub head: Option<usize>,
+    /// The row axis (a query of Q and of the output, a key of K and V).
+    pub row: usize,
+    /// The feature axis (D for Q and K, E for V and the output).
+    pub feat: usize,
+}
+
+impl Axes {
+    fn rank(&self) -> usize {
+        2 + usize::from(self.head.is_some())
+    }
+
+    /// (heads, rows, features) of `shape`.
+    fn dims(&self, shape: &[usize]) -> (usize, usize, usize) {
+        (
+            self.head.map_or(1, |h| shape[h]),
+            shape[self.row],
+            shape[self.feat],
+        )
+    }
+
+    /// Element strides (head, row, feature) of a tensor with natural strides.
+    fn strides(&self, shape: &[usize]) -> (usize, usize, usize) {
+        let natural = Tensor::natural_strides(shape);
+        let s = |a: usize| natural[a] as usize;
+        (self.head.map_or(0, s), s(self.row), s(self.feat))
+    }
+}
+
+/// `softmax(Q Kᵀ) V` per head, for f32 inputs laid out as [`Axes`] say (module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attention {
+    /// The axes of Q.
+    pub q: Axes,
+    /// The axes of K.
+    pub k: Axes,
+    /// The axes of V.
+    pub v: Axes,
+    /// The axes of the output.
+    pub out: Axes,
+}
+
+/// Sizes of one evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+    e: usize,
+}
+
+impl Attention {
+    fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> TractResult<Dims> {
+        ensure!(
+            q.len() == self.q.rank() && k.len() == self.k.rank() && v.len() == self.v.rank(),
+            "attention inputs of ranks {}, {}, {}",
+            q.len(),
+            k.len(),
+            v.len()
+        );
+        let (hq, n, d) = self.q.dims(q);
+        let (hk, m, dk) = self.k.dims(k);
+        let (hv, mv, e) = self.v.dims(v);
+        ensure!(
+            hq == hk && hk == hv && d == dk && m == mv && m > 0,
+            "attention shapes q {q:?}, k {k:?}, v {v:?} do not fit"
+        );
+        Ok(Dims {
+            heads: hq,
+            n,
+            m,
+            d,
+            e,
+        })
+    }
+
+    fn out_shape(&self, dims: Dims) -> TVec<usize> {
+        let mut shape = tvec![0; self.out.rank()];
+        if let Some(h) = self.out.head {
+            shape[h] = dims.heads;
+        }
+        shape[self.out.row] = dims.n;
+        shape[self.out.feat] = dims.e;
+        shape
+    }
+
+    /// Evaluates the op.
+    pub fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Tensor> {
+        for t in [q, k, v] {
+            ensure!(
+                t.datum_type() == f32::datum_type(),
+                "attention on {:?}",
+                t.datum_type()
+            );
+        }
+        let dims = self.dims(q.shape(), k.shape(), v.shape())?;
+        let shape = self.out_shape(dims);
+        let mut y = Tensor::zero::<f32>(&shape)?;
+        // tract's tensors are laid out C-contiguously (a unit axis's stride aside,
+        // which indexes nothing): the kernels index them with natural strides.
+        let (qr, kr, vr) = (
+            q.try_as_plain_ram()?,
+            k.try_as_plain_ram()?,
+            v.try_as_plain_ram()?,
+        );
+        let (qv, kv, vv) = (
+            qr.as_slice::<f32>()?,
+            kr.as_slice::<f32>()?,
+            vr.as_slice::<f32>()?,
+        );
+        let strides = Strides {
+            q: self.q.strides(q.shape()),
+            k: self.k.strides(k.shape()),
+            v: self.v.strides(v.shape()),
+            out: self.out.strides(&shape),
+        };
+        {
+            let mut view = y.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            run_all(dims, strides, qv, kv, vv, out);
+        }
+        Ok(y)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Strides {
+    q: (usize, usize, usize),
+    k: (usize, usize, usize),
+    v: (usize, usize, usize),
+    out: (usize, usize, usize),
+}
+
+/// A raw output pointer that units of work write through, each to its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every unit writes disjoint elements (its head's rows), and the scope that
+// shares the pointer outlives them all.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// All heads and rows, split across esddpm's operator threads by blocks of queries.
+fn run_all(dims: Dims, st: Strides, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    let blocks = dims.n.div_ceil(QUERY_BLOCK);
+    let units = dims.heads * blocks;
+    let parts = op_threads::threads().min(units).max(1);
+    let out_len = out.len();
+    let ptr = OutPtr(out.as_mut_ptr());
+    let ranges: Vec<(usize, usize)> = (0..parts)
+        .map(|p| (units * p / parts, units * (p + 1) / parts))
+        .collect();
+    op_threads::for_each(ranges, |(u0, u1)| {
+        let mut scratch = Scratch::new(dims);
+        for unit in u0..u1 {
+            let (h, b) = (unit / blocks, unit % blocks);
+            let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
+            run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), &mut scratch);
+        }
+    });
+}
+
+/// A unit's buffers: K of one head transposed (D × M), V of one head (M × E), a tile
+/// of queries (4 × D), their scores (4 × M) and outputs (4 × E).
+struct Scratch {
+    q: Vec<f32>,
+    kt: Vec<f32>,
+    v: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+    head: Option<usize>,
+}
+
+impl Scratch {
+    fn new(d: Dims) -> Self {
+        Self {
+            q: vec![0.0; ROWS * d.d],
+            kt: vec![0.0; d.d * d.m],
+            v: vec![0.0; d.m * d.e],
+            s: vec![0.0; ROWS * d.m],
+            o: vec![0.0; ROWS * d.e],
+            head: None,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_unit(
+    dims: Dims,
+    st: Strides,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (out, out_len): (OutPtr, usize),
+    sc: &mut Scratch,
+) {
+    let Dims { m, d, e, .. } = dims;
+    if sc.head != Some(h) {
+        let (kh, kr, kf) = st.k;
+        let (vh, vr, vf) = st.v;
+        for j in 0..m {
+            for c in 0..d {
+                sc.kt[c * m + j] = k[h * kh + j * kr + c * kf];
+            }
+            for c in 0..e {
+                sc.v[j * e + c] = v[h * vh + j * vr + c * vf];
+            }
+        }
+        sc.head = Some(h);
+    }
+    let softmax = tract_linalg::routines::softmax_rows_f32().filter(|_| m % 4 == 0);
+    let (qh, qr, qf) = st.q;
+    let (oh, or, of) = st.out;
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let n = ROWS.min(rows.end - r0);
+        for r in 0..n {
+            for c in 0..d {
+                sc.q[r * d + c] = q[h * qh + (r0 + r) * qr + c * qf];
+            }
+        }
+        tiles::scores(&sc.q, n, &sc.kt, d, m, &mut sc.s);
+        for r in 0..n {
+            let row = &mut sc.s[r * m..(r + 1) * m];
+            match softmax {
+                Some(kernel) => kernel(row, m),
+                None => softmax_row(row),
+            }
+        }
+        tiles::values(&sc.s, n, &sc.v, m, e, &mut sc.o);
+        for r in 0..n {
+            for c in 0..e {
+                let at = h * oh + (r0 + r) * or + c * of;
+                assert!(at < out_len);
+                // SAFETY: in bounds (checked); only this unit writes head h's rows
+                // `rows`, and the output outlives the threads of `run_all`.
+                unsafe { out.get().add(at).write(sc.o[r * e + c]) };
+            }
+        }
+        r0 += n;
+    }
+}
+
+/// `exp(x − max) / Σ` over a row, where tract's row kernel does not apply.
+fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = sum.recip();
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The two products, in register tiles, compiled for AVX-512 and for AVX2 + FMA where
+/// the CPU has them (the same operations in the same order on every path, so the same
+/// bits), else generic.
+mod tiles {
+    use super::{KEYS, ROWS, VALS};
+
+    /// `s[r][j] = Σ_c q[r][c] · kt[c][j]` for `n` (≤ 4) rows of `q` (`n × d`), `kt`
+    /// being `d × m`.
+    pub fn scores(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features.
+                return unsafe { scores_avx512(q, n, kt, d, m, s) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features.
+                return unsafe { scores_avx2(q, n, kt, d, m, s) };
+            }
+        }
+        scores_generic::<false>(q, n, kt, d, m, s)
+    }
+
+    /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ 4) rows of `p` (`n × m`), `v`
+    /// being `m × e`.
+    pub fn values(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features.
+                return unsafe { values_avx512(p, n, v, m, e, o) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has the features.
+                return unsafe { values_avx2(p, n, v, m, e, o) };
+            }
+        }
+        values_generic::<false>(p, n, v, m, e, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn scores_avx512(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
+        scores_generic::<true>(q, n, kt, d, m, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_avx2(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
+        scores_generic::<true>(q, n, kt, d, m, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn values_avx512(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
+        values_generic::<true>(p, n, v, m, e, o)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn values_avx2(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
+        values_generic::<true>(p, n, v, m, e, o)
+    }
+
+    #[inline(always)]
+    fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+
+    #[inline(always)]
+    fn scores_generic<const FMA: bool>(
+        q: &[f32],
+        n: usize,
+        kt: &[f32],
+        d: usize,
+        m: usize,
+        s: &mut [f32],
+    ) {
+        let mut j0 = 0;
+        while j0 < m {
+            let w = KEYS.min(m - j0);
+            let mut acc = [[0f32; KEYS]; ROWS];
+            if w == KEYS {
+                for c in 0..d {
+                    let k: &[f32; KEYS] = kt[c * m + j0..c * m + j0 + KEYS].try_into().unwrap();
+                    for r in 0..ROWS.min(n) {
+                        let a = q[r * d + c];
+                        for j in 0..KEYS {
+                            acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
+                        }
+                    }
+                }
+            } else {
+                for c in 0..d {
+                    let k = &kt[c * m + j0..c * m + j0 + w];
+                    for r in 0..n {
+                        let a = q[r * d + c];
+                        for j in 0..w {
+                            acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
+                        }
+                    }
+                }
+            }
+            for r in 0..n {
+                s[r * m + j0..r * m + j0 + w].copy_from_slice(&acc[r][..w]);
+            }
+            j0 += w;
+        }
+    }
+
+    #[inline(always)]
+    fn values_generic<const FMA: bool>(
+        p: &[f32],
+        n: usize,
+        v: &[f32],
+        m: usize,
+        e: usize,
+        o: &mut [f32],
+    ) {
+        let mut c0 = 0;
+        while c0 < e {
+            let w = VALS.min(e - c0);
+            let mut acc = [[0f32; VALS]; ROWS];
+            if w == VALS {
+                for j in 0..m {
+                    let vv: &[f32; VALS] = v[j * e + c0..j * e + c0 + VALS].try_into().unwrap();
+                    for r in 0..ROWS.min(n) {
+                        let a = p[r * m + j];
+                        for c in 0..VALS {
+                            acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
+                        }
+                    }
+                }
+            } else {
+                for j in 0..m {
+                    let vv = &v[j * e + c0..j * e + c0 + w];
+                    for r in 0..n {
+                        let a = p[r * m + j];
+                        for c in 0..w {
+                            acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
+                        }
+                    }
+                }
+            }
+            for r in 0..n {
+                o[r * e + c0..r * e + c0 + w].copy_from_slice(&acc[r][..w]);
+            }
+            c0 += w;
+        }
+    }
+}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        "EsddpmAttention".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "q {:?}, k {:?}, v {:?}, out {:?}",
+            self.q, self.k, self.v, self.out
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Attention {
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 3, "{} inputs to an attention", inputs.len());
+        Ok(tvec!(self
+            .run(&inputs[0], &inputs[1], &inputs[2])?
+            .into_tvalue()))
+    }
+
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        ensure!(inputs.len() == 3, "{} inputs to an attention", inputs.len());
+        Ok(Some(tvec!(self
+            .run(&inputs[0], &inputs[1], &inputs[2])?
+            .into_tvalue())))
+    }
+}
+
+impl TypedOp for Attention {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 3);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        let concrete = |f: &TypedFact| -> TractResult<TVec<usize>> {
+            f.shape
+                .as_concrete()
+                .map(|s| s.into())
+                .context("attention needs concrete shapes")
+        };
+        let (q, k, v) = (
+            concrete(inputs[0])?,
+            concrete(inputs[1])?,
+            concrete(inputs[2])?,
+        );
+        let dims = self.dims(&q, &k, &v)?;
+        Ok(tvec!(f32::fact(self.out_shape(dims))))
+    }
+
+    /// The two products' multiply-adds, `H·N·M·(D + E)`, and tract's count for the
+    /// softmax's exponentials (one per score).
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let dims = |f: &TypedFact| -> TVec<usize> {
+            f.shape.as_concrete().map(|s| s.into()).unwrap_or_default()
+        };
+        let Ok(d) = self.dims(&dims(inputs[0]), &dims(inputs[1]), &dims(inputs[2])) else {
+            return Ok(tvec!());
+        };
+        let scores = d.heads * d.n * d.m;
+        Ok(tvec!(
+            (
+                Cost::FMA(f32::datum_type()),
+                (scores * (d.d + d.e)).to_dim()
+            ),
+            (Cost::Div(f32::datum_type()), scores.to_dim()),
+        ))
+    }
+}
+
+/// The single node that reads `outlet`, when exactly one does and it is not a model
+/// output.
+fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
+    if succ.len() != 1 || model.outputs.contains(&outlet) {
+        return None;
+    }
+    Some(model.node(succ[0].node))
+}
+
+/// The position of `axis` in input `i` and in the output, when it appears at most once
+/// in each (`Some(None)`: absent; `None`: repeated).
+fn positions(axis: &Axis, i: usize) -> Option<Option<usize>> {
+    match axis.inputs[i].as_slice() {
+        [] => Some(None),
+        [p] => Some(Some(*p)),
+        _ => None,
+    }
+}
+
+fn out_position(axis: &Axis) -> Option<Option<usize>> {
+    match axis.outputs[0].as_slice() {
+        [] => Some(None),
+        [p] => Some(Some(*p)),
+        _ => None,
+    }
+}
+
+/// A plain f32 two-input einsum.
+fn plain_einsum(node: &TypedNode) -> Option<&EinSum> {
+    let op = node.op_as::<EinSum>()?;
+    (op.q_params.is_none()
+        && op.operating_dt == f32::datum_type()
+        && node.inputs.len() == 2
+        && op.axes.input_count() == 2)
+        .then_some(op)
+}
+
+struct Found {
+    op: Attention,
+    q: OutletId,
+    k: OutletId,
+    v: OutletId,
+    output: OutletId,
+    nodes: [usize; 3],
+}
+
+/// `EinSum(q, k) → Softmax → EinSum(p, v)` ending at node `qk`, if it is one.
+fn attention_at(model: &TypedModel, qk: &TypedNode) -> TractResult<Option<Found>> {
+    let Some(qk_op) = plain_einsum(qk) else {
+        return Ok(None);
+    };
+    let Some(sm) = only_reader(model, qk.id.into()) else {
+        return Ok(None);
+    };
+    let Some(sm_op) = sm.op_as::<Softmax>() else {
+        return Ok(None);
+    };
+    if sm_op.kind != SoftmaxKind::Softmax || sm_op.quant_output_dt.is_some() {
+        return Ok(None);
+    }
+    let Some(av) = only_reader(model, sm.id.into()) else {
+        return Ok(None);
+    };
+    let Some(av_op) = plain_einsum(av) else {
+        return Ok(None);
+    };
+    let inputs_f32 = |n: &TypedNode| -> TractResult<bool> {
+        Ok(model
+            .node_input_facts(n.id)?
+            .iter()
+            .all(|f| f.datum_type == f32::datum_type() && f.shape.as_concrete().is_some()))
+    };
+    if !inputs_f32(qk)? || !inputs_f32(av)? {
+        return Ok(None);
+    }
+    // Roles in Q·Kᵀ, by where each axis appears: head (q, k, s), query (q, s), key
+    // (k, s), feature (q, k); each at most once.
+    let mut roles: [Option<[Option<usize>; 3]>; 4] = [None; 4];
+    for axis in qk_op.axes.iter_all_axes() {
+        let (Some(pq), Some(pk), Some(ps)) =
+            (positions(axis, 0), positions(axis, 1), out_position(axis))
+        else {
+            return Ok(None);
+        };
+        let role = match (pq.is_some(), pk.is_some(), ps.is_some()) {
+            (true, true, true) => 0,
+            (true, false, true) => 1,
+            (false, true, true) => 2,
+            (true, true, false) => 3,
+            _ => return Ok(None),
+        };
+        if roles[role].replace([pq, pk, ps]).is_some() {
+            return Ok(None);
+        }
+    }
+    let [head, Some(query), Some(key), Some(feat)] = roles else {
+        return Ok(None);
+    };
+    let at = |p: Option<usize>| p.expect("the role's axis is there");
+    let q_axes = Axes {
+        head: head.map(|h| at(h[0])),
+        row: at(query[0]),
+        feat: at(feat[0]),
+    };
+    let k_axes = Axes {
+        head: head.map(|h| at(h[1])),
+        row: at(key[1]),
+        feat: at(feat[1]),
+    };
+    let (s_head, s_query, s_key) = (head.map(|h| at(h[2])), at(query[2]), at(key[2]));
+    if sm_op.axes.as_slice() != [s_key] {
+        return Ok(None);
+    }
+    // Roles in P·V (P has S's axes): head (p, v, o), query (p, o), key (p, v), value
+    // feature (v, o).
+    let p_outlet = OutletId::new(sm.id, 0);
+    let pi = match (av.inputs[0] == p_outlet, av.inputs[1] == p_outlet) {
+        (true, false) => 0,
+        (false, true) => 1,
+        _ => return Ok(None),
+    };
+    let vi = 1 - pi;
+    let mut av_roles: [Option<[Option<usize>; 2]>; 4] = [None; 4];
+    for axis in av_op.axes.iter_all_axes() {
+        let (Some(pp), Some(pv), Some(po)) =
+            (positions(axis, pi), positions(axis, vi), out_position(axis))
+        else {
+            return Ok(None);
+        };
+        let role = match (pp, pv.is_some(), po.is_some()) {
+            (Some(p), true, true) if Some(p) == s_head => 0,
+            (Some(p), false, true) if p == s_query => 1,
+            (Some(p), true, false) if p == s_key => 2,
+            (None, true, true) => 3,
+            _ => return Ok(None),
+        };
+        if av_roles[role].replace([pv, po]).is_some() {
+            return Ok(None);
+        }
+    }
+    let [a_head, Some(a_query), Some(a_key), Some(a_feat)] = av_roles else {
+        return Ok(None);
+    };
+    if a_head.is_some() != head.is_some() {
+        return Ok(None);
+    }
+    let op = Attention {
+        q: q_axes,
+        k: k_axes,
+        v: Axes {
+            head: a_head.map(|h| at(h[0])),
+            row: at(a_key[0]),
+            feat: at(a_feat[0]),
+        },
+        out: Axes {
+            head: a_head.map(|h| at(h[1])),
+            row: at(a_query[1]),
+            feat: at(a_feat[1]),
+        },
+    };
+    let (q, k, v) = (qk.inputs[0], qk.inputs[1], av.inputs[vi]);
+    let facts = [
+        model.outlet_fact(q)?,
+        model.outlet_fact(k)?,
+        model.outlet_fact(v)?,
+    ];
+    let Ok(ours) = op.output_facts(&facts) else {
+        return Ok(None);
+    };
+    if ours[0].shape != model.outlet_fact(av.id.into())?.shape {
+        return Ok(None);
+    }
+    Ok(Some(Found {
+        op,
+        q,
+        k,
+        v,
+        output: av.id.into(),
+        nodes: [qk.id, sm.id, av.id],
+    }))
+}
+
+/// Swaps every `EinSum(q, k) → Softmax → EinSum(p, v)` of `model` for an [`Attention`]
+/// (module docs). Returns how many were replaced.
+pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
+    let mut fused = 0;
+    for id in 0..model.nodes().len() {
+        let Some(found) = attention_at(model, model.node(id))? else {
+            continue;
+        };
+        let name = model.node(found.output.node).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let q = patch.tap_model(model, found.q)?;
+        let k = patch.tap_model(model, found.k)?;
+        let v = patch.tap_model(model, found.v)?;
+        let y = patch.wire_node(name, found.op, &[q, k, v])?;
+        patch.shunt_outside(model, found.output, y[0])?;
+        for node in found.nodes {
+            patch.obliterate(node)?;
+        }
+        patch.apply(model)?;
+        fused += 1;
+    }
+    if fused > 0 {
+        model.compact()?;
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_values::values;
+
+    /// `softmax(Q Kᵀ) V` in f64, straight from the definition, for tensors laid out
+    /// as `op` says.
+    fn reference(op: &Attention, q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<f64> {
+        let d = op.dims(q.shape(), k.shape(), v.shape()).unwrap();
+        let at = |t: &Tensor, axes: &Axes, h: usize, r: usize, c: usize| -> f64 {
+            let mut idx = vec![0; axes.rank()];
+            if let Some(a) = axes.head {
+                idx[a] = h;
+            }
+            idx[axes.row] = r;
+            idx[axes.feat] = c;
+            let strides = Tensor::natural_strides(t.shape());
+            let off: isize = idx
+                .iter()
+                .zip(&strides)
+                .map(|(&i, &s)| i as isize * s)
+                .sum();
+            f64::from(t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap()[off as usize])
+        };
+        let shape = op.out_shape(d);
+        let mut out = vec![0.0; shape.iter().product()];
+        let ostr = Tensor::natural_strides(&shape);
+        for h in 0..d.heads {
+            for i in 0..d.n {
+                let s: Vec<f64> = (0..d.m)
+                    .map(|j| {
+                        (0..d.d)
+                            .map(|c| at(q, &op.q, h, i, c) * at(k, &op.k, h, j, c))
+                            .sum()
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = p.iter().sum();
+                for c in 0..d.e {
+                    let o: f64 = (0..d.m).map(|j| p[j] / sum * at(v, &op.v, h, j, c)).sum();
+                    let mut idx = vec![0; op.out.rank()];
+                    if let Some(a) = op.out.head {
+                        idx[a] = h;
+                    }
+                    idx[op.out.row] = i;
+                    idx[op.out.feat] = c;
+                    let off: isize = idx.iter().zip(&ostr).map(|(&i, &s)| i as isize * s).sum();
+                    out[off as usize] = o;
+                }
+            }
+        }
+        out
+    }
+
+    fn tensor(axes: &Axes, heads: usize, rows: usize, feat: usize, seed: u64) -> Tensor {
+        let mut shape = vec![0; axes.rank()];
+        if let Some(h) = axes.head {
+            shape[h] = heads;
+        }
+        shape[axes.row] = rows;
+        shape[axes.feat] = feat;
+        let n = shape.iter().product();
+        Tensor::from_shape(&shape, &values(n, seed)).unwrap()
+    }
+
+    fn ax(head: Option<usize>, row: usize, feat: usize) -> Axes {
+        Axes { head, row, feat }
+    }
+
+    /// The layouts tract leaves the shipped U-Net's attention in (one head), and the
+    /// cifar U-Net's (32 heads of 8: q, k `[n, h, d]`, v `[m, h, e]`, out `[n, h, e]`),
+    /// plus heads first; sizes off every tile (4 queries, 64 keys, 16 values).
+    #[test]
+    fn attention_matches_the_formula_in_every_layout() {
+        let one = Attention {
+            q: ax(None, 0, 1),
+            k: ax(None, 0, 1),
+            v: ax(None, 0, 1),
+            out: ax(None, 0, 1),
+        };
+        let cifar = Attention {
+            q: ax(Some(1), 0, 2),
+            k: ax(Some(1), 0, 2),
+            v: ax(Some(1), 0, 2),
+            out: ax(Some(1), 0, 2),
+        };
+        let heads_first = Attention {
+            q: ax(Some(0), 1, 2),
+            k: ax(Some(2), 0, 1),
+            v: ax(Some(0), 2, 1),
+            out: ax(Some(2), 1, 0),
+        };
+        for (op, heads, n, m, d, e) in [
+            (&one, 1, 256, 256, 32, 32),
+            (&one, 1, 7, 70, 5, 19),
+            (&one, 1, 64, 64, 64, 64),
+            (&cifar, 32, 64, 64, 8, 8),
+            (&cifar, 3, 9, 130, 8, 8),
+            (&heads_first, 2, 5, 67, 3, 17),
+        ] {
+            let q = tensor(&op.q, heads, n, d, 1);
+            let k = tensor(&op.k, heads, m, d, 2);
+            let v = tensor(&op.v, heads, m, e, 3);
+            let y = op.run(&q, &k, &v).unwrap();
+            let want = reference(op, &q, &k, &v);
+            let yr = y.try_as_plain_ram().unwrap();
+            let got = yr.as_slice::<f32>().unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (f64::from(*g) - w).abs())
+                .fold(0.0, f64::max);
+            assert!(err < 2e-5, "{op:?} n {n} m {m} d {d} e {e}: error {err}");
+        }
+    }
+
+    #[test]
+    fn two_threads_give_the_bits_of_one() {
+        let op = Attention {
+            q: ax(Some(1), 0, 2),
+            k: ax(Some(1), 0, 2),
+            v: ax(Some(1), 0, 2),
+            out: ax(Some(1), 0, 2),
+        };
+        let (q, k, v) = (
+            tensor(&op.q, 4, 130, 8, 4),
+            tensor(&op.k, 4, 130, 8, 5),
+            tensor(&op.v, 4, 130, 8, 6),
+        );
+        let one = op.run(&q, &k, &v).unwrap();
+        let pool = tract_linalg::multithread::Executor::multithread(2);
+        let two = op_threads::scope(&pool, || {
+            assert_eq!(op_threads::threads(), 2);
+            op.run(&q, &k, &v).unwrap()
+        });
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let t = t.try_as_plain_ram().unwrap();
+            t.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&one), bits(&two));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let op = Attention {
+            q: ax(None, 0, 1),
+            k: ax(None, 0, 1),
+            v: ax(None, 0, 1),
+            out: ax(None, 0, 1),
+        };
+        let t = |r: usize, c: usize| Tensor::from_shape(&[r, c], &values(r * c, 7)).unwrap();
+        // Features of q and k differ; keys of k and v differ; a rank-3 input.
+        assert!(op.run(&t(4, 8), &t(5, 7), &t(5, 3)).is_err());
+        assert!(op.run(&t(4, 8), &t(5, 8), &t(6, 3)).is_err());
+        let r3 = Tensor::from_shape(&[1, 4, 8], &values(32, 8)).unwrap();
+        assert!(op.run(&r3, &t(5, 8), &t(5, 3)).is_err());
+        let ints = Tensor::from_shape(&[4, 8], &[1i32; 32]).unwrap();
+        assert!(op.run(&ints, &t(5, 8), &t(5, 3)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod on_the_shipped_unet {
+    use super::*;
+
+    fn decluttered() -> TypedModel {
+        tract_onnx::onnx()
+            .model_for_path("models/fashion/unet.onnx")
+            .unwrap()
+            .with_input_fact(0, f32::fact([1, 1, 32, 32]).into())
+            .unwrap()
+            .with_input_fact(1, i64::fact([1]).into())
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap()
+    }
+
+    fn run(model: TypedModel) -> Vec<f32> {
+        let x = crate::test_values::values(1024, 9);
+        let out = model
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap()
+            .run(tvec![
+                Tensor::from_shape(&[1, 1, 32, 32], &x).unwrap().into(),
+                Tensor::from_shape(&[1], &[417i64]).unwrap().into(),
+            ])
+            .unwrap();
+        let y = out[0].try_as_plain_ram().unwrap();
+        y.as_slice::<f32>().unwrap().to_vec()
+    }
+
+    #[test]
+    fn every_attention_is_fused_within_rounding_of_tracts() {
+        let plain = decluttered();
+        let attentions = plain
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<Softmax>())
+            .count();
+        assert!(attentions >= 3, "{attentions} softmaxes");
+        let mut fused = plain.clone();
+        assert_eq!(fuse_attention(&mut fused).unwrap(), attentions);
+        assert!(!fused.nodes().iter().any(|n| n.op_is::<Softmax>()));
+        let (a, b) = (run(fused), run(plain));
+        let err = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-5, "max difference from tract's {err}");
+    }
+}
