@@ -10,6 +10,7 @@
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
 //!     [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off]
+//!     [--attention fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -35,13 +36,15 @@
 //! (`esddpm::direct_conv`); `all` (the default) esddpm's plan. The `--direct-*` options
 //! give the direct convolutions another `Policy` (channel and width limits, tiles), to
 //! re-measure where they win; `--group-norm off` leaves tract's decomposition of each
-//! group norm in place (`esddpm::group_norm`), to measure what the fused op gains.
+//! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
+//! `--attention off` likewise tract's attention (`esddpm::attention`).
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
 //! (`es-ddim10`), or 1000 DDPM steps from noise (`ddpm1000`); ROUNDS timed calls of
 //! BATCH images after a warm-up call that makes the plans.
 
+use esddpm::attention::fuse_attention;
 use esddpm::cache::PlanCache;
 use esddpm::direct_conv::{use_direct_convs_with, Policy, Tile};
 use esddpm::group_norm::fuse_group_norms;
@@ -65,7 +68,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off] [--attention fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -366,7 +369,10 @@ fn category(op: &str, node: &str) -> &'static str {
     let node_l = node.to_ascii_lowercase();
     let has = |s: &str, pats: &[&str]| pats.iter().any(|p| s.contains(p));
     let in_attention = has(&node_l, &["attention", "attn"]);
-    if has(&op_l, &["im2col", "pack", "pad"]) {
+    if op == "EsddpmAttention" {
+        // The fused attention: both products and the softmax between them.
+        ATTN_MM
+    } else if has(&op_l, &["im2col", "pack", "pad"]) {
         CONV_LAYOUT
     } else if has(
         &op_l,
@@ -462,9 +468,15 @@ fn profile(a: &Args) -> Res<Value> {
     // `wide`, `wide16`, `rows`, `narrow`; `none`): esddpm's plan with another
     // `direct_conv::Policy`.
     // `--group-norm off`: esddpm's plan without the fused group norms.
+    // `--attention off`: esddpm's plan without the fused attention.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
+        None | Some("fused") => true,
+        Some("off") => false,
+        Some(_) => usage(),
+    };
+    let fuse_attn = match a.opts.get("attention").map(String::as_str) {
         None | Some("fused") => true,
         Some("off") => false,
         Some(_) => usage(),
@@ -474,6 +486,7 @@ fn profile(a: &Args) -> Res<Value> {
         "direct-min-width",
         "direct-tiles",
         "group-norm",
+        "attention",
     ]
     .iter()
     .any(|k| a.opts.contains_key(*k));
@@ -505,6 +518,9 @@ fn profile(a: &Args) -> Res<Value> {
                 let mut m = m.into_typed()?.into_decluttered()?;
                 if fuse_norms {
                     fuse_group_norms(&mut m)?;
+                }
+                if fuse_attn {
+                    fuse_attention(&mut m)?;
                 }
                 if rewrite == "all" {
                     use_direct_convs_with(&mut m, &policy)?;
