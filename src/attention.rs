@@ -397,34 +397,40 @@ mod tiles {
     ) {
         let mut j0 = 0;
         while j0 < m {
-            let w = KEYS.min(m - j0);
-            let mut acc = [[0f32; KEYS]; ROWS];
-            if w == KEYS {
-                for c in 0..d {
-                    let k: &[f32; KEYS] = kt[c * m + j0..c * m + j0 + KEYS].try_into().unwrap();
-                    for r in 0..ROWS.min(n) {
-                        let a = q[r * d + c];
-                        for j in 0..KEYS {
-                            acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
-                        }
-                    }
-                }
-            } else {
-                for c in 0..d {
-                    let k = &kt[c * m + j0..c * m + j0 + w];
-                    for r in 0..n {
-                        let a = q[r * d + c];
-                        for j in 0..w {
-                            acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
-                        }
-                    }
-                }
-            }
-            for r in 0..n {
-                s[r * m + j0..r * m + j0 + w].copy_from_slice(&acc[r][..w]);
-            }
-            j0 += w;
+            // Every width sums over the features in the same order: the same bits.
+            j0 += match m - j0 {
+                w if w >= KEYS => scores_tile::<FMA, KEYS>(q, n, kt, d, m, j0, s),
+                w if w >= 16 => scores_tile::<FMA, 16>(q, n, kt, d, m, j0, s),
+                _ => scores_tile::<FMA, 1>(q, n, kt, d, m, j0, s),
+            };
         }
+    }
+
+    /// Scores of `n` (≤ 4) queries for keys `j0..j0 + W`; returns `W`.
+    #[inline(always)]
+    fn scores_tile<const FMA: bool, const W: usize>(
+        q: &[f32],
+        n: usize,
+        kt: &[f32],
+        d: usize,
+        m: usize,
+        j0: usize,
+        s: &mut [f32],
+    ) -> usize {
+        let mut acc = [[0f32; W]; ROWS];
+        for c in 0..d {
+            let k: &[f32; W] = kt[c * m + j0..c * m + j0 + W].try_into().unwrap();
+            for r in 0..ROWS.min(n) {
+                let a = q[r * d + c];
+                for j in 0..W {
+                    acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
+                }
+            }
+        }
+        for r in 0..n {
+            s[r * m + j0..r * m + j0 + W].copy_from_slice(&acc[r]);
+        }
+        W
     }
 
     #[inline(always)]
@@ -438,34 +444,40 @@ mod tiles {
     ) {
         let mut c0 = 0;
         while c0 < e {
-            let w = VALS.min(e - c0);
-            let mut acc = [[0f32; VALS]; ROWS];
-            if w == VALS {
-                for j in 0..m {
-                    let vv: &[f32; VALS] = v[j * e + c0..j * e + c0 + VALS].try_into().unwrap();
-                    for r in 0..ROWS.min(n) {
-                        let a = p[r * m + j];
-                        for c in 0..VALS {
-                            acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
-                        }
-                    }
-                }
-            } else {
-                for j in 0..m {
-                    let vv = &v[j * e + c0..j * e + c0 + w];
-                    for r in 0..n {
-                        let a = p[r * m + j];
-                        for c in 0..w {
-                            acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
-                        }
-                    }
-                }
-            }
-            for r in 0..n {
-                o[r * e + c0..r * e + c0 + w].copy_from_slice(&acc[r][..w]);
-            }
-            c0 += w;
+            // Every width sums over the keys in the same order: the same bits.
+            c0 += match e - c0 {
+                w if w >= VALS => values_tile::<FMA, VALS>(p, n, v, m, e, c0, o),
+                w if w >= 8 => values_tile::<FMA, 8>(p, n, v, m, e, c0, o),
+                _ => values_tile::<FMA, 1>(p, n, v, m, e, c0, o),
+            };
         }
+    }
+
+    /// Output values `c0..c0 + W` of `n` (≤ 4) queries; returns `W`.
+    #[inline(always)]
+    fn values_tile<const FMA: bool, const W: usize>(
+        p: &[f32],
+        n: usize,
+        v: &[f32],
+        m: usize,
+        e: usize,
+        c0: usize,
+        o: &mut [f32],
+    ) -> usize {
+        let mut acc = [[0f32; W]; ROWS];
+        for j in 0..m {
+            let vv: &[f32; W] = v[j * e + c0..j * e + c0 + W].try_into().unwrap();
+            for r in 0..ROWS.min(n) {
+                let a = p[r * m + j];
+                for c in 0..W {
+                    acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
+                }
+            }
+        }
+        for r in 0..n {
+            o[r * e + c0..r * e + c0 + W].copy_from_slice(&acc[r]);
+        }
+        W
     }
 }
 
