@@ -22,6 +22,7 @@
 //! one optional head axis, the query, key and feature axes), and swaps it for the op.
 //! Anything else stays with tract.
 
+use crate::fusion::{fuse_all, only_reader, Fusion};
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -553,16 +554,6 @@ impl TypedOp for Attention {
     }
 }
 
-/// The single node that reads `outlet`, when exactly one does and it is not a model
-/// output.
-fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    let succ = &model.node(outlet.node).outputs[outlet.slot].successors;
-    if succ.len() != 1 || model.outputs.contains(&outlet) {
-        return None;
-    }
-    Some(model.node(succ[0].node))
-}
-
 /// The position of `axis` in input `i` and in the output, when it appears at most once
 /// in each (`Some(None)`: absent; `None`: repeated).
 fn positions(axis: &Axis, i: usize) -> Option<Option<usize>> {
@@ -591,17 +582,8 @@ fn plain_einsum(node: &TypedNode) -> Option<&EinSum> {
         .then_some(op)
 }
 
-struct Found {
-    op: Attention,
-    q: OutletId,
-    k: OutletId,
-    v: OutletId,
-    output: OutletId,
-    nodes: [usize; 3],
-}
-
 /// `EinSum(q, k) → Softmax → EinSum(p, v)` ending at node `qk`, if it is one.
-fn attention_at(model: &TypedModel, qk: &TypedNode) -> TractResult<Option<Found>> {
+fn attention_at(model: &TypedModel, qk: &TypedNode) -> TractResult<Option<Fusion<Attention>>> {
     let Some(qk_op) = plain_einsum(qk) else {
         return Ok(None);
     };
@@ -726,41 +708,18 @@ fn attention_at(model: &TypedModel, qk: &TypedNode) -> TractResult<Option<Found>
     if ours[0].shape != model.outlet_fact(av.id.into())?.shape {
         return Ok(None);
     }
-    Ok(Some(Found {
+    Ok(Some(Fusion {
         op,
-        q,
-        k,
-        v,
+        inputs: tvec![q, k, v],
         output: av.id.into(),
-        nodes: [qk.id, sm.id, av.id],
+        nodes: vec![qk.id, sm.id, av.id],
     }))
 }
 
 /// Swaps every `EinSum(q, k) → Softmax → EinSum(p, v)` of `model` for an [`Attention`]
 /// (module docs). Returns how many were replaced.
 pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in 0..model.nodes().len() {
-        let Some(found) = attention_at(model, model.node(id))? else {
-            continue;
-        };
-        let name = model.node(found.output.node).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let q = patch.tap_model(model, found.q)?;
-        let k = patch.tap_model(model, found.k)?;
-        let v = patch.tap_model(model, found.v)?;
-        let y = patch.wire_node(name, found.op, &[q, k, v])?;
-        patch.shunt_outside(model, found.output, y[0])?;
-        for node in found.nodes {
-            patch.obliterate(node)?;
-        }
-        patch.apply(model)?;
-        fused += 1;
-    }
-    if fused > 0 {
-        model.compact()?;
-    }
-    Ok(fused)
+    fuse_all(model, attention_at)
 }
 
 #[cfg(test)]

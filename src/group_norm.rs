@@ -27,6 +27,7 @@
 //! `optimize`) and swaps it for the op. It matches only the exact pattern (constant γ
 //! and β per channel, or none), so anything else stays with tract.
 
+use crate::fusion::{fuse_all, only_reader, Fusion};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
@@ -291,17 +292,6 @@ impl TypedOp for GroupNorm {
     }
 }
 
-/// The single node that reads `outlet`, when exactly one does and it is not a model
-/// output.
-fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
-    let node = model.node(outlet.node);
-    let succ = &node.outputs[outlet.slot].successors;
-    if succ.len() != 1 || model.outputs.contains(&outlet) {
-        return None;
-    }
-    Some(model.node(succ[0].node))
-}
-
 /// When `node` is a binary op of type `B` on `from` and a constant, the constant.
 fn bin_with_const<'m, B: BinMiniOp>(
     model: &'m TypedModel,
@@ -340,16 +330,8 @@ fn per_channel(konst: &Tensor, channels: usize, rank: usize) -> Option<Vec<f32>>
     )
 }
 
-/// A match: the fused op, the outlet it reads and the outlet it replaces.
-struct Found {
-    op: GroupNorm,
-    input: OutletId,
-    output: OutletId,
-    nodes: Vec<usize>,
-}
-
 /// tract's decomposition of a group norm starting at `node` (module docs), or `None`.
-fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Found>> {
+fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fusion<GroupNorm>>> {
     // Reshape [N, C, ...] -> [N, G, (C/G)·L] at axis 1.
     let Some(AxisOp::Reshape(1, from, to)) = node.op_as::<AxisOp>() else {
         return Ok(None);
@@ -492,9 +474,9 @@ fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fou
         }
     }
     let op = GroupNorm::new(groups, eps, gamma, beta, silu)?;
-    Ok(Some(Found {
+    Ok(Some(Fusion {
         op,
-        input,
+        inputs: tvec![input],
         output,
         nodes,
     }))
@@ -508,26 +490,7 @@ fn group_norm_at(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Fou
 /// a value to its own type that tract's NNEF reader puts inside the pattern
 /// ([`crate::rewrite::remove_identity_casts`]).
 pub fn fuse_group_norms(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in 0..model.nodes().len() {
-        let Some(found) = group_norm_at(model, model.node(id))? else {
-            continue;
-        };
-        let name = model.node(found.output.node).name.clone();
-        let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, found.input)?;
-        let y = patch.wire_node(name, found.op, &[x])?;
-        patch.shunt_outside(model, found.output, y[0])?;
-        for node in found.nodes {
-            patch.obliterate(node)?;
-        }
-        patch.apply(model)?;
-        fused += 1;
-    }
-    if fused > 0 {
-        model.compact()?;
-    }
-    Ok(fused)
+    fuse_all(model, group_norm_at)
 }
 
 #[cfg(test)]

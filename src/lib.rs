@@ -39,6 +39,7 @@ pub mod direct_conv;
 pub mod error;
 pub mod eval;
 pub mod fid;
+mod fusion;
 pub mod group_norm;
 pub mod images;
 pub mod memory;
