@@ -12,8 +12,7 @@
 //! scores are written, packed for the second product and read back, with three
 //! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
 //! time: the scores of four queries against all keys (register tiles of 4 queries ×
-//! 64 keys), tract's own softmax kernel on each row (`tract_linalg`'s row softmax, the
-//! one tract's `Softmax` runs), then the four output rows (tiles of 4 × 16 values).
+//! 64 keys), tract's own softmax kernels on each row (the ones tract's `Softmax` runs), then the four output rows (tiles of 4 × 32 values).
 //! The scores never leave the cache. Heads and blocks of queries are split across
 //! esddpm's operator threads ([`crate::op_threads`]).
 //!
@@ -34,7 +33,7 @@ const ROWS: usize = 4;
 /// Keys per score tile.
 const KEYS: usize = 64;
 /// Values per output tile.
-const VALS: usize = 16;
+const VALS: usize = 32;
 /// Queries per unit of work handed to a thread.
 const QUERY_BLOCK: usize = 64;
 
@@ -163,7 +162,7 @@ impl Attention {
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            run_all(dims, strides, qv, kv, vv, out);
+            run_all(dims, strides, qv, kv, vv, out)?;
         }
         Ok(y)
     }
@@ -192,7 +191,14 @@ impl OutPtr {
 }
 
 /// All heads and rows, split across esddpm's operator threads by blocks of queries.
-fn run_all(dims: Dims, st: Strides, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+fn run_all(
+    dims: Dims,
+    st: Strides,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) -> TractResult<()> {
     let blocks = dims.n.div_ceil(QUERY_BLOCK);
     let units = dims.heads * blocks;
     let parts = op_threads::threads().min(units).max(1);
@@ -201,14 +207,70 @@ fn run_all(dims: Dims, st: Strides, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     let ranges: Vec<(usize, usize)> = (0..parts)
         .map(|p| (units * p / parts, units * (p + 1) / parts))
         .collect();
+    let failure = std::sync::Mutex::new(None);
     op_threads::for_each(ranges, |(u0, u1)| {
-        let mut scratch = Scratch::new(dims);
-        for unit in u0..u1 {
-            let (h, b) = (unit / blocks, unit % blocks);
-            let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
-            run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), &mut scratch);
+        let part = || -> TractResult<()> {
+            let mut scratch = Scratch::new(dims)?;
+            for unit in u0..u1 {
+                let (h, b) = (unit / blocks, unit % blocks);
+                let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
+                run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), &mut scratch)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = part() {
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
         }
     });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// tract's f32 softmax over one row, with the kernels tract's `Softmax` runs: its
+/// whole-row kernel where this CPU has one and the row is a multiple of 4 long, else
+/// its max, exp-and-sum and scale kernels (the same bits as tract's op).
+enum RowSoftmax {
+    Rows(tract_linalg::routines::SoftmaxRowsF32),
+    Kernels {
+        max: Box<dyn tract_linalg::reduce::Reduce<f32>>,
+        exp_sum: Box<dyn tract_linalg::reduce::MapReduce<f32, f32>>,
+        scale: Box<dyn tract_linalg::element_wise::ElementWise<f32, f32>>,
+    },
+}
+
+impl RowSoftmax {
+    fn new(len: usize) -> TractResult<Self> {
+        use tract_linalg::routines::Func;
+        if let Some(kernel) = tract_linalg::routines::softmax_rows_f32().filter(|_| len % 4 == 0) {
+            return Ok(Self::Rows(kernel));
+        }
+        Ok(Self::Kernels {
+            max: Func::ReduceMax.reduce_f32()?,
+            exp_sum: Func::Softmax2.map_reduce_f32()?,
+            scale: Func::MulByScalar.ew_f32_param()?,
+        })
+    }
+
+    fn run(&self, row: &mut [f32]) -> TractResult<()> {
+        match self {
+            Self::Rows(kernel) => kernel(row, row.len()),
+            Self::Kernels {
+                max,
+                exp_sum,
+                scale,
+            } => {
+                let m = max.run(row)?;
+                let sum = exp_sum.run_with_params(row, m)?;
+                scale.run_with_params(row, sum.recip())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A unit's buffers: K of one head transposed (D × M), V of one head (M × E), a tile
@@ -220,18 +282,20 @@ struct Scratch {
     s: Vec<f32>,
     o: Vec<f32>,
     head: Option<usize>,
+    softmax: RowSoftmax,
 }
 
 impl Scratch {
-    fn new(d: Dims) -> Self {
-        Self {
+    fn new(d: Dims) -> TractResult<Self> {
+        Ok(Self {
             q: vec![0.0; ROWS * d.d],
             kt: vec![0.0; d.d * d.m],
             v: vec![0.0; d.m * d.e],
-            s: vec![0.0; ROWS * d.m],
+            s: vec![0.0; ROWS * d.m.next_multiple_of(16) + 16],
             o: vec![0.0; ROWS * d.e],
             head: None,
-        }
+            softmax: RowSoftmax::new(d.m)?,
+        })
     }
 }
 
@@ -246,64 +310,78 @@ fn run_unit(
     v: &[f32],
     (out, out_len): (OutPtr, usize),
     sc: &mut Scratch,
-) {
+) -> TractResult<()> {
     let Dims { m, d, e, .. } = dims;
     if sc.head != Some(h) {
         let (kh, kr, kf) = st.k;
         let (vh, vr, vf) = st.v;
         for j in 0..m {
-            for c in 0..d {
-                sc.kt[c * m + j] = k[h * kh + j * kr + c * kf];
+            let (kj, vj) = (h * kh + j * kr, h * vh + j * vr);
+            if kf == 1 {
+                for (c, &x) in k[kj..kj + d].iter().enumerate() {
+                    sc.kt[c * m + j] = x;
+                }
+            } else {
+                for c in 0..d {
+                    sc.kt[c * m + j] = k[kj + c * kf];
+                }
             }
-            for c in 0..e {
-                sc.v[j * e + c] = v[h * vh + j * vr + c * vf];
+            let row = &mut sc.v[j * e..(j + 1) * e];
+            if vf == 1 {
+                row.copy_from_slice(&v[vj..vj + e]);
+            } else {
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = v[vj + c * vf];
+                }
             }
         }
         sc.head = Some(h);
     }
-    let softmax = tract_linalg::routines::softmax_rows_f32().filter(|_| m % 4 == 0);
     let (qh, qr, qf) = st.q;
     let (oh, or, of) = st.out;
     let mut r0 = rows.start;
     while r0 < rows.end {
         let n = ROWS.min(rows.end - r0);
         for r in 0..n {
-            for c in 0..d {
-                sc.q[r * d + c] = q[h * qh + (r0 + r) * qr + c * qf];
+            let (qi, row) = (h * qh + (r0 + r) * qr, &mut sc.q[r * d..(r + 1) * d]);
+            if qf == 1 {
+                row.copy_from_slice(&q[qi..qi + d]);
+            } else {
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x = q[qi + c * qf];
+                }
             }
         }
-        tiles::scores(&sc.q, n, &sc.kt, d, m, &mut sc.s);
+        // Score rows start on 64-byte boundaries, a stride of 16 values apart: tract's
+        // softmax kernels split a row by its alignment, so a fixed alignment keeps the
+        // bits independent of where the buffer was allocated (thread count included).
+        let ss = m.next_multiple_of(16);
+        let skip = sc.s.as_ptr().align_offset(64).min(15);
+        let scores = &mut sc.s[skip..skip + ROWS * ss];
+        tiles::scores(&sc.q, n, &sc.kt, d, m, scores, ss);
         for r in 0..n {
-            let row = &mut sc.s[r * m..(r + 1) * m];
-            match softmax {
-                Some(kernel) => kernel(row, m),
-                None => softmax_row(row),
-            }
+            sc.softmax.run(&mut scores[r * ss..r * ss + m])?;
         }
-        tiles::values(&sc.s, n, &sc.v, m, e, &mut sc.o);
+        tiles::values(scores, ss, n, &sc.v, m, e, &mut sc.o);
         for r in 0..n {
-            for c in 0..e {
-                let at = h * oh + (r0 + r) * or + c * of;
-                assert!(at < out_len);
-                // SAFETY: in bounds (checked); only this unit writes head h's rows
-                // `rows`, and the output outlives the threads of `run_all`.
-                unsafe { out.get().add(at).write(sc.o[r * e + c]) };
+            let at = h * oh + (r0 + r) * or;
+            assert!(e == 0 || at + (e - 1) * of < out_len);
+            let row = &sc.o[r * e..(r + 1) * e];
+            // SAFETY: in bounds (checked: the row's last value is); only this unit
+            // writes head h's rows `rows`, and the output outlives `run_all`'s threads.
+            unsafe {
+                if of == 1 {
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.get().add(at), e);
+                } else {
+                    for (c, &x) in row.iter().enumerate() {
+                        out.get().add(at + c * of).write(x);
+                    }
+                }
             }
         }
         r0 += n;
     }
-}
-
-/// `exp(x − max) / Σ` over a row, where tract's row kernel does not apply.
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let inv = sum.recip();
-    row.iter_mut().for_each(|x| *x *= inv);
+    Ok(())
 }
 
 /// The two products, in register tiles, compiled for AVX-512 and for AVX2 + FMA where
@@ -313,69 +391,101 @@ mod tiles {
     use super::{KEYS, ROWS, VALS};
 
     /// `s[r][j] = Σ_c q[r][c] · kt[c][j]` for `n` (≤ 4) rows of `q` (`n × d`), `kt`
-    /// being `d × m`.
-    pub fn scores(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
+    /// being `d × m`, rows of `s` `ss` apart.
+    pub fn scores(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32], ss: usize) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has the features.
-                return unsafe { scores_avx512(q, n, kt, d, m, s) };
+                return unsafe { scores_avx512(q, n, kt, d, m, s, ss) };
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has the features.
-                return unsafe { scores_avx2(q, n, kt, d, m, s) };
+                return unsafe { scores_avx2(q, n, kt, d, m, s, ss) };
             }
         }
-        scores_generic::<false>(q, n, kt, d, m, s)
+        scores_generic::<false>(q, n, kt, d, m, s, ss)
     }
 
-    /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ 4) rows of `p` (`n × m`), `v`
-    /// being `m × e`.
-    pub fn values(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
+    /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ 4) rows of `p` (`n × m`, rows `ps`
+    /// apart), `v` being `m × e`.
+    pub fn values(p: &[f32], ps: usize, n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has the features.
-                return unsafe { values_avx512(p, n, v, m, e, o) };
+                return unsafe { values_avx512(p, ps, n, v, m, e, o) };
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has the features.
-                return unsafe { values_avx2(p, n, v, m, e, o) };
+                return unsafe { values_avx2(p, ps, n, v, m, e, o) };
             }
         }
-        values_generic::<false>(p, n, v, m, e, o)
+        values_generic::<false>(p, ps, n, v, m, e, o)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores_avx512(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
-        scores_generic::<true>(q, n, kt, d, m, s)
+    unsafe fn scores_avx512(
+        q: &[f32],
+        n: usize,
+        kt: &[f32],
+        d: usize,
+        m: usize,
+        s: &mut [f32],
+        ss: usize,
+    ) {
+        scores_generic::<true>(q, n, kt, d, m, s, ss)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_avx2(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32]) {
-        scores_generic::<true>(q, n, kt, d, m, s)
+    unsafe fn scores_avx2(
+        q: &[f32],
+        n: usize,
+        kt: &[f32],
+        d: usize,
+        m: usize,
+        s: &mut [f32],
+        ss: usize,
+    ) {
+        scores_generic::<true>(q, n, kt, d, m, s, ss)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn values_avx512(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
-        values_generic::<true>(p, n, v, m, e, o)
+    unsafe fn values_avx512(
+        p: &[f32],
+        ps: usize,
+        n: usize,
+        v: &[f32],
+        m: usize,
+        e: usize,
+        o: &mut [f32],
+    ) {
+        values_generic::<true>(p, ps, n, v, m, e, o)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn values_avx2(p: &[f32], n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
-        values_generic::<true>(p, n, v, m, e, o)
+    unsafe fn values_avx2(
+        p: &[f32],
+        ps: usize,
+        n: usize,
+        v: &[f32],
+        m: usize,
+        e: usize,
+        o: &mut [f32],
+    ) {
+        values_generic::<true>(p, ps, n, v, m, e, o)
     }
 
     #[inline(always)]
@@ -395,14 +505,15 @@ mod tiles {
         d: usize,
         m: usize,
         s: &mut [f32],
+        ss: usize,
     ) {
         let mut j0 = 0;
         while j0 < m {
             // Every width sums over the features in the same order: the same bits.
             j0 += match m - j0 {
-                w if w >= KEYS => scores_tile::<FMA, KEYS>(q, n, kt, d, m, j0, s),
-                w if w >= 16 => scores_tile::<FMA, 16>(q, n, kt, d, m, j0, s),
-                _ => scores_tile::<FMA, 1>(q, n, kt, d, m, j0, s),
+                w if w >= KEYS => scores_tile::<FMA, KEYS>(q, n, kt, d, m, j0, s, ss),
+                w if w >= 16 => scores_tile::<FMA, 16>(q, n, kt, d, m, j0, s, ss),
+                _ => scores_tile::<FMA, 1>(q, n, kt, d, m, j0, s, ss),
             };
         }
     }
@@ -417,11 +528,15 @@ mod tiles {
         m: usize,
         j0: usize,
         s: &mut [f32],
+        ss: usize,
     ) -> usize {
+        // All four rows, whatever `n`: a loop of fixed length keeps the tile in
+        // registers. Rows past `n` hold an earlier tile's values and are not stored.
         let mut acc = [[0f32; W]; ROWS];
         for c in 0..d {
-            let k: &[f32; W] = kt[c * m + j0..c * m + j0 + W].try_into().unwrap();
-            for r in 0..ROWS.min(n) {
+            // Loaded once for the four rows.
+            let k: [f32; W] = kt[c * m + j0..c * m + j0 + W].try_into().unwrap();
+            for r in 0..ROWS {
                 let a = q[r * d + c];
                 for j in 0..W {
                     acc[r][j] = fma::<FMA>(a, k[j], acc[r][j]);
@@ -429,7 +544,7 @@ mod tiles {
             }
         }
         for r in 0..n {
-            s[r * m + j0..r * m + j0 + W].copy_from_slice(&acc[r]);
+            s[r * ss + j0..r * ss + j0 + W].copy_from_slice(&acc[r]);
         }
         W
     }
@@ -437,6 +552,7 @@ mod tiles {
     #[inline(always)]
     fn values_generic<const FMA: bool>(
         p: &[f32],
+        ps: usize,
         n: usize,
         v: &[f32],
         m: usize,
@@ -447,9 +563,10 @@ mod tiles {
         while c0 < e {
             // Every width sums over the keys in the same order: the same bits.
             c0 += match e - c0 {
-                w if w >= VALS => values_tile::<FMA, VALS>(p, n, v, m, e, c0, o),
-                w if w >= 8 => values_tile::<FMA, 8>(p, n, v, m, e, c0, o),
-                _ => values_tile::<FMA, 1>(p, n, v, m, e, c0, o),
+                w if w >= VALS => values_tile::<FMA, VALS>(p, ps, n, v, m, e, c0, o),
+                w if w >= 16 => values_tile::<FMA, 16>(p, ps, n, v, m, e, c0, o),
+                w if w >= 8 => values_tile::<FMA, 8>(p, ps, n, v, m, e, c0, o),
+                _ => values_tile::<FMA, 1>(p, ps, n, v, m, e, c0, o),
             };
         }
     }
@@ -458,6 +575,7 @@ mod tiles {
     #[inline(always)]
     fn values_tile<const FMA: bool, const W: usize>(
         p: &[f32],
+        ps: usize,
         n: usize,
         v: &[f32],
         m: usize,
@@ -465,11 +583,12 @@ mod tiles {
         c0: usize,
         o: &mut [f32],
     ) -> usize {
+        // All four rows, whatever `n` (as in `scores_tile`).
         let mut acc = [[0f32; W]; ROWS];
         for j in 0..m {
-            let vv: &[f32; W] = v[j * e + c0..j * e + c0 + W].try_into().unwrap();
-            for r in 0..ROWS.min(n) {
-                let a = p[r * m + j];
+            let vv: [f32; W] = v[j * e + c0..j * e + c0 + W].try_into().unwrap();
+            for r in 0..ROWS {
+                let a = p[r * ps + j];
                 for c in 0..W {
                     acc[r][c] = fma::<FMA>(a, vv[c], acc[r][c]);
                 }
