@@ -246,7 +246,9 @@ enum RowSoftmax {
 impl RowSoftmax {
     fn new(len: usize) -> TractResult<Self> {
         use tract_linalg::routines::Func;
-        if let Some(kernel) = tract_linalg::routines::softmax_rows_f32().filter(|_| len % 4 == 0) {
+        if let Some(kernel) =
+            tract_linalg::routines::softmax_rows_f32().filter(|_| len.is_multiple_of(4))
+        {
             return Ok(Self::Rows(kernel));
         }
         Ok(Self::Kernels {
@@ -520,6 +522,7 @@ mod tiles {
 
     /// Scores of `n` (≤ 4) queries for keys `j0..j0 + W`; returns `W`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn scores_tile<const FMA: bool, const W: usize>(
         q: &[f32],
         n: usize,
@@ -573,6 +576,7 @@ mod tiles {
 
     /// Output values `c0..c0 + W` of `n` (≤ 4) queries; returns `W`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn values_tile<const FMA: bool, const W: usize>(
         p: &[f32],
         ps: usize,
