@@ -12,8 +12,9 @@
 //! scores are written, packed for the second product and read back, with three
 //! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
 //! time: the scores of four queries against all keys (register tiles of 4 queries ×
-//! 64 keys), tract's own softmax kernels on each row (the ones tract's `Softmax` runs), then the four output rows (tiles of 4 × 32 values).
-//! The scores never leave the cache. Heads and blocks of queries are split across
+//! 64 keys), tract's own softmax kernels on each row (the ones tract's `Softmax`
+//! runs), then the four output rows (tiles of 4 × 32 values). The scores never leave
+//! the cache. Heads and blocks of queries are split across
 //! esddpm's operator threads ([`crate::op_threads`]).
 //!
 //! [`fuse_attention`] finds `EinSum(q, k) → Softmax → EinSum(·, v)` in a decluttered
@@ -52,6 +53,14 @@ pub struct Axes {
 impl Axes {
     fn rank(&self) -> usize {
         2 + usize::from(self.head.is_some())
+    }
+
+    /// Whether the axes are distinct positions of a tensor of [`Self::rank`].
+    fn valid(&self) -> bool {
+        let rank = self.rank();
+        let distinct =
+            self.row != self.feat && self.head.is_none_or(|h| h != self.row && h != self.feat);
+        distinct && self.row < rank && self.feat < rank && self.head.is_none_or(|h| h < rank)
     }
 
     /// (heads, rows, features) of `shape`.
@@ -96,6 +105,11 @@ struct Dims {
 
 impl Attention {
     fn dims(&self, q: &[usize], k: &[usize], v: &[usize]) -> TractResult<Dims> {
+        ensure!(
+            [self.q, self.k, self.v, self.out].iter().all(Axes::valid)
+                && self.out.head.is_some() == self.q.head.is_some(),
+            "attention axes {self:?} are not distinct positions of their tensors"
+        );
         ensure!(
             q.len() == self.q.rank() && k.len() == self.k.rank() && v.len() == self.v.rank(),
             "attention inputs of ranks {}, {}, {}",
@@ -1006,6 +1020,17 @@ mod tests {
         assert!(op.run(&t(4, 8), &t(5, 8), &t(6, 3)).is_err());
         let r3 = Tensor::from_shape(&[1, 4, 8], &values(32, 8)).unwrap();
         assert!(op.run(&r3, &t(5, 8), &t(5, 3)).is_err());
+        // Axes that are not distinct positions of rank-2 tensors.
+        let bad = Attention {
+            q: ax(None, 0, 2),
+            ..op.clone()
+        };
+        assert!(bad.run(&t(4, 8), &t(5, 8), &t(5, 3)).is_err());
+        let bad = Attention {
+            k: ax(None, 1, 1),
+            ..op.clone()
+        };
+        assert!(bad.run(&t(4, 8), &t(5, 8), &t(5, 3)).is_err());
         let ints = Tensor::from_shape(&[4, 8], &[1i32; 32]).unwrap();
         assert!(op.run(&ints, &t(5, 8), &t(5, 3)).is_err());
     }
