@@ -299,6 +299,7 @@ struct Scratch {
     o: Vec<f32>,
     head: Option<usize>,
     softmax: RowSoftmax,
+    isa: tiles::Isa,
 }
 
 impl Scratch {
@@ -311,6 +312,7 @@ impl Scratch {
             o: vec![0.0; ROWS * d.e],
             head: None,
             softmax: RowSoftmax::new(d.m)?,
+            isa: tiles::Isa::detect(),
         })
     }
 }
@@ -374,11 +376,11 @@ fn run_unit(
         let ss = m.next_multiple_of(16);
         let skip = sc.s.as_ptr().align_offset(64).min(15);
         let scores = &mut sc.s[skip..skip + ROWS * ss];
-        tiles::scores(&sc.q, n, &sc.kt, d, m, scores, ss);
+        tiles::scores(sc.isa, &sc.q, n, &sc.kt, d, m, scores, ss);
         for r in 0..n {
             sc.softmax.run(&mut scores[r * ss..r * ss + m])?;
         }
-        tiles::values(scores, ss, n, &sc.v, m, e, &mut sc.o);
+        tiles::values(sc.isa, scores, ss, n, &sc.v, m, e, &mut sc.o);
         for r in 0..n {
             let at = h * oh + (r0 + r) * or;
             assert!(e == 0 || at + (e - 1) * of < out_len);
@@ -406,46 +408,80 @@ fn run_unit(
 mod tiles {
     use super::{KEYS, ROWS, VALS};
 
+    /// The kernels this CPU runs, detected once per evaluation ([`Isa::detect`]).
+    #[derive(Debug, Clone, Copy)]
+    pub enum Isa {
+        /// AVX-512F and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Avx512,
+        /// AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        /// Anything else: plain multiply and add.
+        Generic,
+    }
+
+    impl Isa {
+        /// The best this CPU has.
+        pub fn detect() -> Self {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("fma") && has!("avx512f") {
+                    return Self::Avx512;
+                }
+                if has!("fma") && has!("avx2") {
+                    return Self::Avx2;
+                }
+            }
+            Self::Generic
+        }
+    }
+
     /// `s[r][j] = Σ_c q[r][c] · kt[c][j]` for `n` (≤ 4) rows of `q` (`n × d`), `kt`
     /// being `d × m`, rows of `s` `ss` apart.
-    pub fn scores(q: &[f32], n: usize, kt: &[f32], d: usize, m: usize, s: &mut [f32], ss: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has the features.
-                return unsafe { scores_avx512(q, n, kt, d, m, s, ss) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has the features.
-                return unsafe { scores_avx2(q, n, kt, d, m, s, ss) };
-            }
+    #[allow(clippy::too_many_arguments)]
+    pub fn scores(
+        isa: Isa,
+        q: &[f32],
+        n: usize,
+        kt: &[f32],
+        d: usize,
+        m: usize,
+        s: &mut [f32],
+        ss: usize,
+    ) {
+        match isa {
+            // SAFETY: `Isa::detect` found the features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { scores_avx512(q, n, kt, d, m, s, ss) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { scores_avx2(q, n, kt, d, m, s, ss) },
+            Isa::Generic => scores_generic::<false>(q, n, kt, d, m, s, ss),
         }
-        scores_generic::<false>(q, n, kt, d, m, s, ss)
     }
 
     /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ 4) rows of `p` (`n × m`, rows `ps`
     /// apart), `v` being `m × e`.
-    pub fn values(p: &[f32], ps: usize, n: usize, v: &[f32], m: usize, e: usize, o: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has the features.
-                return unsafe { values_avx512(p, ps, n, v, m, e, o) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has the features.
-                return unsafe { values_avx2(p, ps, n, v, m, e, o) };
-            }
+    #[allow(clippy::too_many_arguments)]
+    pub fn values(
+        isa: Isa,
+        p: &[f32],
+        ps: usize,
+        n: usize,
+        v: &[f32],
+        m: usize,
+        e: usize,
+        o: &mut [f32],
+    ) {
+        match isa {
+            // SAFETY: `Isa::detect` found the features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { values_avx512(p, ps, n, v, m, e, o) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { values_avx2(p, ps, n, v, m, e, o) },
+            Isa::Generic => values_generic::<false>(p, ps, n, v, m, e, o),
         }
-        values_generic::<false>(p, ps, n, v, m, e, o)
     }
 
     #[cfg(target_arch = "x86_64")]
