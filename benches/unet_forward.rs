@@ -9,7 +9,7 @@
 //!     [--tract-thresholds PANELS,MACS,ELEMENTS]
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
-//!     [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off]
+//!     [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off]
 //!     [--attention fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
@@ -68,7 +68,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow|none] [--group-norm fused|off] [--attention fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -465,7 +465,7 @@ fn profile(a: &Args) -> Res<Value> {
     // `--rewrite strides`: esddpm's plan without the direct convolutions
     // (`esddpm::direct_conv`), to measure what they gain.
     // `--direct-max-channels N`, `--direct-min-width N`, `--direct-tiles LIST` (of
-    // `wide`, `wide16`, `rows`, `narrow`; `none`): esddpm's plan with another
+    // `wide`, `wide16`, `rows`, `narrow`, `wide16x6`; `none`): esddpm's plan with another
     // `direct_conv::Policy`.
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
@@ -501,6 +501,7 @@ fn profile(a: &Args) -> Res<Value> {
                 "wide16" => Tile::Wide16x8,
                 "rows" => Tile::Rows2x8,
                 "narrow" => Tile::Narrow8x8,
+                "wide16x6" => Tile::Wide16x6,
                 _ => usage(),
             })
             .collect();

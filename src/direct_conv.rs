@@ -28,12 +28,13 @@
 //! output channels on rows of 16 columns or more in a multiple of 16 (tiles of 32 × 4
 //! and 16 × 8), or on an even number of rows of exactly 8 columns as wide as the input
 //! (two rows per vector, [`Tile::Rows2x8`]); with only AVX2 and FMA ([`Policy::avx2`])
-//! up to 32 output channels on rows of 32 columns or more in a multiple of 8 (tiles of
-//! 8 × 8). A last partial tile of channels is computed on zero weights and not stored.
+//! up to 64 output channels on rows of 8 columns or more (tiles of 16 × 6 on rows a
+//! multiple of 16, else 8 × 8). A last partial tile of channels is computed on zero
+//! weights and not stored.
 //! Everything else, and every other CPU, stays with tract.
 //!
-//! The 16 × 8, two-row and 8 × 8 tiles are written in `std::arch` intrinsics: the
-//! compiler did not vectorise the generic loop for them (the 32 × 4 one it does).
+//! The 16 × 8, two-row, 8 × 8 and 16 × 6 tiles are written in `std::arch` intrinsics:
+//! the compiler did not vectorise the generic loop for them (the 32 × 4 one it does).
 
 use crate::op_threads;
 use tract_onnx::prelude::*;
@@ -78,6 +79,10 @@ pub enum Tile {
     Rows2x8,
     /// 8 outputs (one 256-bit vector) × 8 channels: AVX2 and FMA, rows a multiple of 8.
     Narrow8x8,
+    /// 16 outputs (two 256-bit vectors) × 6 channels: AVX2 and FMA, rows a multiple of
+    /// 16. Twelve accumulators of AVX2's sixteen registers, where the 8 × 8 tile has
+    /// eight: enough independent multiply-adds in flight to cover their latency.
+    Wide16x6,
 }
 
 impl Tile {
@@ -88,6 +93,7 @@ impl Tile {
             Tile::Wide16x8 => 16,
             Tile::Rows2x8 => 8,
             Tile::Narrow8x8 => 8,
+            Tile::Wide16x6 => 16,
         }
     }
 
@@ -98,6 +104,7 @@ impl Tile {
             Tile::Wide16x8 => 8,
             Tile::Rows2x8 => 8,
             Tile::Narrow8x8 => 8,
+            Tile::Wide16x6 => 6,
         }
     }
 
@@ -127,6 +134,7 @@ impl Tile {
                     tiles.push(Tile::Wide16x8);
                     tiles.push(Tile::Rows2x8);
                 }
+                tiles.push(Tile::Wide16x6);
                 tiles.push(Tile::Narrow8x8);
             }
             tiles
@@ -179,16 +187,21 @@ impl Policy {
         }
     }
 
-    /// With AVX2 and FMA only: the 8-wide tile for rows of 32 columns or more and up to
-    /// 32 output channels. Measured on the same U-Net (`--direct-tiles narrow`): 67
-    /// GFLOP/s on its 32-column convolutions against tract's 40, but no faster than
-    /// tract at 16 columns (58 against 57 overall, and 58 against 81 on the 64-channel
-    /// one).
+    /// With AVX2 and FMA only: the 16 × 6 tile, then the 8 × 8 one, for rows of 8
+    /// columns or more and up to 64 output channels. Measured on an AVX2-only 2-core
+    /// AMD EPYC (`cargo bench --bench unet_forward -- profile models/fashion/unet.onnx 1
+    /// 32 32 1 400 --direct-tiles wide16x6,narrow|narrow|none --direct-max-channels 256
+    /// --direct-min-width 8`; `docs/PERFORMANCE.md`, lever 13): on the shipped U-Net the
+    /// 16 × 6 tile ran 58-75 GFLOP/s, the 8 × 8 one 51-58 and tract's im2col path 31-60
+    /// on the same convolutions (the 8 × 8 tile alone takes the 8-column ones, at 58-60
+    /// against tract's 52-54). On the cifar-size U-Net's 128- and 256-channel
+    /// convolutions tile and tract were even (64-81 against 47-77 GFLOP/s, the whole
+    /// forward no faster), so those stay with tract.
     pub fn avx2() -> Self {
         Policy {
-            max_output_channels: 32,
-            min_output_width: 32,
-            tiles: vec![Tile::Narrow8x8],
+            max_output_channels: 64,
+            min_output_width: 8,
+            tiles: vec![Tile::Wide16x6, Tile::Narrow8x8],
         }
     }
 
@@ -432,6 +445,7 @@ impl DirectConv {
                 Tile::Wide16x8 => unsafe { x86::wide16x8(g, padded, w, b, out) },
                 Tile::Rows2x8 => unsafe { x86::rows2x8(g, padded, w, b, out) },
                 Tile::Narrow8x8 => unsafe { x86::narrow8x8(g, padded, w, b, out) },
+                Tile::Wide16x6 => unsafe { x86::wide16x6(g, padded, w, b, out) },
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -660,6 +674,60 @@ mod x86 {
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps,
         _mm256_storeu_ps
     );
+
+    /// The 16 × 6 tile (AVX2): two vectors of 8 outputs per channel, 12 accumulators.
+    /// The same operations in the same order as `conv_tile`, so the same bits.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn wide16x6(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        const L: usize = 16;
+        const B: usize = 6;
+        let [oh, ow] = g.output;
+        let [hp, wp] = g.padded();
+        let [kh, kw] = g.kernel;
+        let cin = g.cin;
+        let taps = cin * kh * kw;
+        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
+        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
+        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
+        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
+            let channels = out.len() / (oh * ow);
+            for row in 0..oh {
+                for col in (0..ow).step_by(L) {
+                    let mut lo = [_mm256_setzero_ps(); B];
+                    let mut hi = [_mm256_setzero_ps(); B];
+                    for c in 0..cin {
+                        for dy in 0..kh {
+                            let line = (c * hp + row + dy) * wp + col;
+                            for dx in 0..kw {
+                                // SAFETY: the asserts above keep `line + dx + 16` within
+                                // the padded image (`col + 16 <= ow`, `dx < kw`).
+                                let (x0, x1) = unsafe {
+                                    let at = xp.as_ptr().add(line + dx);
+                                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+                                };
+                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
+                                for j in 0..B {
+                                    let wj = _mm256_set1_ps(wt[j]);
+                                    lo[j] = _mm256_fmadd_ps(x0, wj, lo[j]);
+                                    hi[j] = _mm256_fmadd_ps(x1, wj, hi[j]);
+                                }
+                            }
+                        }
+                    }
+                    for j in 0..channels.min(B) {
+                        let bj = _mm256_set1_ps(b[j]);
+                        let at = &mut out[(j * oh + row) * ow + col..][..L];
+                        // SAFETY: `at` holds 16 values.
+                        unsafe {
+                            _mm256_storeu_ps(at.as_mut_ptr(), _mm256_add_ps(lo[j], bj));
+                            _mm256_storeu_ps(at.as_mut_ptr().add(8), _mm256_add_ps(hi[j], bj));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A [`DirectConv`]'s scratch, kept between runs of a plan's state: the padded input
@@ -985,6 +1053,11 @@ mod tests {
             ([1, 64, 7, 8], 64, [3, 3], (1, 1), 1),    // 7 rows of 8: not two by two
             ([1, 16, 8, 10], 16, [3, 3], (0, 0), 1),   // rows of 8 from rows of 10
         ] {
+            // Rows of 8 are the two-row tile's (AVX-512) alone, with its limits; with
+            // AVX2 only, the 8 × 8 tile takes them.
+            if x_shape[3] <= 10 && Policy::default() != Policy::avx512() {
+                continue;
+            }
             let mut model = conv_model(x_shape, cout, kernel, pad, stride, false)?;
             assert_eq!(
                 use_direct_convs(&mut model)?,
@@ -1076,7 +1149,7 @@ mod tests {
     #[test]
     fn every_tile_gives_the_same_bits() -> TractResult<()> {
         // Rows of 32 (every tile but the two-row one) and of 8 (it and the 8-wide one).
-        for (side, tiles_that_fit) in [(32, 3), (8, 2)] {
+        for (side, tiles_that_fit) in [(32, 4), (8, 2)] {
             let g = same_3x3(7, 16, [side, side]);
             let weights = values(16 * 7 * 9, 4);
             let bias = values(16, 5);
@@ -1085,7 +1158,7 @@ mod tests {
                 .into_iter()
                 .filter(|t| t.fits(&g))
                 .collect();
-            if Tile::available().len() == 4 {
+            if Tile::available().len() == 5 {
                 assert_eq!(tiles.len(), tiles_that_fit, "{side} columns: {tiles:?}");
             }
             same_bits_on(g, &tiles, &weights, &bias, &x)?;
