@@ -31,10 +31,15 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 /// Queries per tile.
 const ROWS: usize = 4;
-/// Keys per score tile.
+/// Keys per score tile (AVX-512 and generic).
 const KEYS: usize = 64;
-/// Values per output tile.
+/// Values per output tile (AVX-512 and generic).
 const VALS: usize = 32;
+/// Keys per score tile with AVX2 (16 vector registers, not AVX-512's 32: 4 × 24 keys
+/// are 12 accumulators of 8 lanes, with room for the loads).
+const KEYS_AVX2: usize = 32;
+/// Values per output tile with AVX2 (4 × 16 values: 8 accumulators).
+const VALS_AVX2: usize = 16;
 /// Queries per unit of work handed to a thread.
 const QUERY_BLOCK: usize = 64;
 
@@ -143,8 +148,20 @@ impl Attention {
         shape
     }
 
-    /// Evaluates the op.
+    /// Evaluates the op with buffers of its own (out of a plan).
     pub fn run(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> TractResult<Tensor> {
+        self.run_in(&mut AttentionScratch::default(), q, k, v)
+    }
+
+    /// Evaluates the op with `scratch`'s buffers, grown on the first run and reused
+    /// after (a plan's state keeps one per node: [`AttentionScratch`]).
+    pub fn run_in(
+        &self,
+        scratch: &mut AttentionScratch,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> TractResult<Tensor> {
         for t in [q, k, v] {
             ensure!(
                 t.datum_type() == f32::datum_type(),
@@ -176,7 +193,7 @@ impl Attention {
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
-            run_all(dims, strides, qv, kv, vv, out)?;
+            run_all(dims, strides, qv, kv, vv, out, scratch)?;
         }
         Ok(y)
     }
@@ -204,7 +221,8 @@ impl OutPtr {
     }
 }
 
-/// All heads and rows, split across esddpm's operator threads by blocks of queries.
+/// All heads and rows, split across esddpm's operator threads by blocks of queries,
+/// each thread part with its own scratch from `scratch`.
 fn run_all(
     dims: Dims,
     st: Strides,
@@ -212,23 +230,26 @@ fn run_all(
     k: &[f32],
     v: &[f32],
     out: &mut [f32],
+    scratch: &mut AttentionScratch,
 ) -> TractResult<()> {
     let blocks = dims.n.div_ceil(QUERY_BLOCK);
     let units = dims.heads * blocks;
     let parts = op_threads::threads().min(units).max(1);
     let out_len = out.len();
     let ptr = OutPtr(out.as_mut_ptr());
-    let ranges: Vec<(usize, usize)> = (0..parts)
-        .map(|p| (units * p / parts, units * (p + 1) / parts))
-        .collect();
+    if scratch.parts.len() < parts {
+        scratch.parts.resize_with(parts, Scratch::default);
+    }
     let failure = std::sync::Mutex::new(None);
-    op_threads::for_each(ranges, |(u0, u1)| {
-        let part = || -> TractResult<()> {
-            let mut scratch = Scratch::new(dims)?;
+    let work = scratch.parts[..parts].iter_mut().enumerate();
+    op_threads::for_each(work, |(p, sc)| {
+        let (u0, u1) = (units * p / parts, units * (p + 1) / parts);
+        let mut part = || -> TractResult<()> {
+            sc.fit(dims)?;
             for unit in u0..u1 {
                 let (h, b) = (unit / blocks, unit % blocks);
                 let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
-                run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), &mut scratch)?;
+                run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), sc)?;
             }
             Ok(())
         };
@@ -248,6 +269,7 @@ fn run_all(
 /// tract's f32 softmax over one row, with the kernels tract's `Softmax` runs: its
 /// whole-row kernel where this CPU has one and the row is a multiple of 4 long, else
 /// its max, exp-and-sum and scale kernels (the same bits as tract's op).
+#[derive(Debug, Clone)]
 enum RowSoftmax {
     Rows(tract_linalg::routines::SoftmaxRowsF32),
     Kernels {
@@ -289,31 +311,68 @@ impl RowSoftmax {
     }
 }
 
-/// A unit's buffers: K of one head transposed (D × M), V of one head (M × E), a tile
-/// of queries (4 × D), their scores (4 × M) and outputs (4 × E).
+/// A thread part's buffers: K of one head transposed (D × M), V of one head (M × E), a
+/// tile of queries (4 × D), their scores (4 × M) and outputs (4 × E), and the softmax
+/// kernels for rows of M; sized by [`Scratch::fit`] on every run, allocated only when
+/// the sizes grow.
+#[derive(Debug, Clone, Default)]
 struct Scratch {
     q: Vec<f32>,
     kt: Vec<f32>,
     v: Vec<f32>,
     s: Vec<f32>,
     o: Vec<f32>,
+    /// The head whose K and V `kt` and `v` hold in this run.
     head: Option<usize>,
-    softmax: RowSoftmax,
-    isa: tiles::Isa,
+    /// The softmax kernels and the row length they were chosen for.
+    softmax: Option<(usize, RowSoftmax)>,
+    isa: Option<tiles::Isa>,
 }
 
 impl Scratch {
-    fn new(d: Dims) -> TractResult<Self> {
-        Ok(Self {
-            q: vec![0.0; ROWS * d.d],
-            kt: vec![0.0; d.d * d.m],
-            v: vec![0.0; d.m * d.e],
-            s: vec![0.0; ROWS * d.m.next_multiple_of(16) + 16],
-            o: vec![0.0; ROWS * d.e],
-            head: None,
-            softmax: RowSoftmax::new(d.m)?,
-            isa: tiles::Isa::detect(),
-        })
+    /// Sizes the buffers for `d` and forgets the head: K and V are a new run's.
+    fn fit(&mut self, d: Dims) -> TractResult<()> {
+        self.q.resize(ROWS * d.d, 0.0);
+        self.kt.resize(d.d * d.m, 0.0);
+        self.v.resize(d.m * d.e, 0.0);
+        self.s.resize(ROWS * d.m.next_multiple_of(16) + 16, 0.0);
+        self.o.resize(ROWS * d.e, 0.0);
+        self.head = None;
+        if self.softmax.as_ref().is_none_or(|(m, _)| *m != d.m) {
+            self.softmax = Some((d.m, RowSoftmax::new(d.m)?));
+        }
+        self.isa.get_or_insert_with(tiles::Isa::detect);
+        Ok(())
+    }
+}
+
+/// An [`Attention`]'s buffers, kept between runs of a plan's state (tract's
+/// [`OpState`]): one [`Scratch`] per thread part, grown on the first run and reused
+/// after, so a forward allocates nothing here but the op's output.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionScratch {
+    parts: Vec<Scratch>,
+}
+
+impl OpState for AttentionScratch {
+    fn eval(
+        &mut self,
+        _ctx: &EvalContext,
+        op: &dyn Op,
+        inputs: TVec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
+        let op = op
+            .downcast_ref::<Attention>()
+            .context("attention state on another op")?;
+        ensure!(inputs.len() == 3, "{} inputs to an attention", inputs.len());
+        Ok(tvec!(op
+            .run_in(self, &inputs[0], &inputs[1], &inputs[2])?
+            .into_tvalue()))
+    }
+
+    fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
+        // Nothing carries from one run to the next.
+        Ok(())
     }
 }
 
@@ -330,6 +389,9 @@ fn run_unit(
     sc: &mut Scratch,
 ) -> TractResult<()> {
     let Dims { m, d, e, .. } = dims;
+    let (Some(isa), Some((_, softmax))) = (sc.isa, &sc.softmax) else {
+        bail!("attention scratch used before Scratch::fit");
+    };
     if sc.head != Some(h) {
         let (kh, kr, kf) = st.k;
         let (vh, vr, vf) = st.v;
@@ -376,11 +438,11 @@ fn run_unit(
         let ss = m.next_multiple_of(16);
         let skip = sc.s.as_ptr().align_offset(64).min(15);
         let scores = &mut sc.s[skip..skip + ROWS * ss];
-        tiles::scores(sc.isa, &sc.q, n, &sc.kt, d, m, scores, ss);
+        tiles::scores(isa, &sc.q, n, &sc.kt, d, m, scores, ss);
         for r in 0..n {
-            sc.softmax.run(&mut scores[r * ss..r * ss + m])?;
+            softmax.run(&mut scores[r * ss..r * ss + m])?;
         }
-        tiles::values(sc.isa, scores, ss, n, &sc.v, m, e, &mut sc.o);
+        tiles::values(isa, scores, ss, n, &sc.v, m, e, &mut sc.o);
         for r in 0..n {
             let at = h * oh + (r0 + r) * or;
             assert!(e == 0 || at + (e - 1) * of < out_len);
@@ -406,7 +468,7 @@ fn run_unit(
 /// the CPU has them (the same operations in the same order on every path, so the same
 /// bits), else generic.
 mod tiles {
-    use super::{KEYS, ROWS, VALS};
+    use super::{KEYS, KEYS_AVX2, ROWS, VALS, VALS_AVX2};
 
     /// The kernels this CPU runs, detected once per evaluation ([`Isa::detect`]).
     #[derive(Debug, Clone, Copy)]
@@ -457,7 +519,7 @@ mod tiles {
             Isa::Avx512 => unsafe { scores_avx512(q, n, kt, d, m, s, ss) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { scores_avx2(q, n, kt, d, m, s, ss) },
-            Isa::Generic => scores_generic::<false>(q, n, kt, d, m, s, ss),
+            Isa::Generic => scores_generic::<false, KEYS>(q, n, kt, d, m, s, ss),
         }
     }
 
@@ -480,7 +542,7 @@ mod tiles {
             Isa::Avx512 => unsafe { values_avx512(p, ps, n, v, m, e, o) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { values_avx2(p, ps, n, v, m, e, o) },
-            Isa::Generic => values_generic::<false>(p, ps, n, v, m, e, o),
+            Isa::Generic => values_generic::<false, VALS>(p, ps, n, v, m, e, o),
         }
     }
 
@@ -495,7 +557,7 @@ mod tiles {
         s: &mut [f32],
         ss: usize,
     ) {
-        scores_generic::<true>(q, n, kt, d, m, s, ss)
+        scores_generic::<true, KEYS>(q, n, kt, d, m, s, ss)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -509,7 +571,7 @@ mod tiles {
         s: &mut [f32],
         ss: usize,
     ) {
-        scores_generic::<true>(q, n, kt, d, m, s, ss)
+        scores_generic::<true, KEYS_AVX2>(q, n, kt, d, m, s, ss)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -523,7 +585,7 @@ mod tiles {
         e: usize,
         o: &mut [f32],
     ) {
-        values_generic::<true>(p, ps, n, v, m, e, o)
+        values_generic::<true, VALS>(p, ps, n, v, m, e, o)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -537,7 +599,7 @@ mod tiles {
         e: usize,
         o: &mut [f32],
     ) {
-        values_generic::<true>(p, ps, n, v, m, e, o)
+        values_generic::<true, VALS_AVX2>(p, ps, n, v, m, e, o)
     }
 
     #[inline(always)]
@@ -550,7 +612,7 @@ mod tiles {
     }
 
     #[inline(always)]
-    fn scores_generic<const FMA: bool>(
+    fn scores_generic<const FMA: bool, const KW: usize>(
         q: &[f32],
         n: usize,
         kt: &[f32],
@@ -563,7 +625,7 @@ mod tiles {
         while j0 < m {
             // Every width sums over the features in the same order: the same bits.
             j0 += match m - j0 {
-                w if w >= KEYS => scores_tile::<FMA, KEYS>(q, n, kt, d, m, j0, s, ss),
+                w if w >= KW => scores_tile::<FMA, KW>(q, n, kt, d, m, j0, s, ss),
                 w if w >= 16 => scores_tile::<FMA, 16>(q, n, kt, d, m, j0, s, ss),
                 _ => scores_tile::<FMA, 1>(q, n, kt, d, m, j0, s, ss),
             };
@@ -603,7 +665,7 @@ mod tiles {
     }
 
     #[inline(always)]
-    fn values_generic<const FMA: bool>(
+    fn values_generic<const FMA: bool, const VW: usize>(
         p: &[f32],
         ps: usize,
         n: usize,
@@ -616,7 +678,7 @@ mod tiles {
         while c0 < e {
             // Every width sums over the keys in the same order: the same bits.
             c0 += match e - c0 {
-                w if w >= VALS => values_tile::<FMA, VALS>(p, ps, n, v, m, e, c0, o),
+                w if w >= VW => values_tile::<FMA, VW>(p, ps, n, v, m, e, c0, o),
                 w if w >= 16 => values_tile::<FMA, 16>(p, ps, n, v, m, e, c0, o),
                 w if w >= 8 => values_tile::<FMA, 8>(p, ps, n, v, m, e, c0, o),
                 _ => values_tile::<FMA, 1>(p, ps, n, v, m, e, c0, o),
@@ -671,11 +733,8 @@ impl Op for Attention {
 }
 
 impl EvalOp for Attention {
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 3, "{} inputs to an attention", inputs.len());
-        Ok(tvec!(self
-            .run(&inputs[0], &inputs[1], &inputs[2])?
-            .into_tvalue()))
+    fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
+        Ok(Some(Box::<AttentionScratch>::default()))
     }
 
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
@@ -1040,6 +1099,52 @@ mod tests {
                 .collect()
         };
         assert_eq!(bits(&one), bits(&two));
+    }
+
+    /// A scratch kept between runs (as a plan's state keeps it) gives what fresh
+    /// buffers give: on other inputs of the same sizes (K and V of a new run, not the
+    /// last head's), on other sizes, on one thread after two.
+    #[test]
+    fn a_kept_scratch_gives_the_bits_of_a_fresh_one() {
+        let op = Attention {
+            q: ax(Some(1), 0, 2),
+            k: ax(Some(1), 0, 2),
+            v: ax(Some(1), 0, 2),
+            out: ax(Some(1), 0, 2),
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let t = t.try_as_plain_ram().unwrap();
+            t.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        let mut kept = AttentionScratch::default();
+        let pool = tract_linalg::multithread::Executor::multithread(2);
+        // One head twice: the second run starts on the head the first ended on.
+        let runs = [
+            (1, 70, 70, 8),
+            (1, 70, 70, 8),
+            (2, 70, 70, 8),
+            (1, 9, 33, 5),
+            (1, 70, 70, 8),
+        ];
+        for (i, (heads, n, m, d)) in runs.into_iter().enumerate() {
+            let seed = 10 * i as u64;
+            let (q, k, v) = (
+                tensor(&op.q, heads, n, d, seed),
+                tensor(&op.k, heads, m, d, seed + 1),
+                tensor(&op.v, heads, m, d, seed + 2),
+            );
+            let fresh = op.run(&q, &k, &v).unwrap();
+            let reused = if i == 2 {
+                op_threads::scope(&pool, || op.run_in(&mut kept, &q, &k, &v).unwrap())
+            } else {
+                op.run_in(&mut kept, &q, &k, &v).unwrap()
+            };
+            assert_eq!(bits(&fresh), bits(&reused), "run {i}");
+        }
     }
 
     #[test]
