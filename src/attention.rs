@@ -12,10 +12,12 @@
 //! scores are written, packed for the second product and read back, with three
 //! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
 //! time: the scores of four queries against all keys (register tiles of 4 queries ×
-//! 64 keys), tract's own softmax kernels on each row (the ones tract's `Softmax`
-//! runs), then the four output rows (tiles of 4 × 32 values). The scores never leave
-//! the cache. Heads and blocks of queries are split across
-//! esddpm's operator threads ([`crate::op_threads`]).
+//! 64 keys with AVX-512, × 32 with AVX2), tract's own softmax kernels on each row (the
+//! ones tract's `Softmax` runs), then the four output rows (tiles of 4 × 32 values with
+//! AVX-512, 4 × 16 with AVX2: the tiles fit each one's registers, lever 13). The
+//! scores never leave the cache. Heads and blocks of queries are split across
+//! esddpm's operator threads ([`crate::op_threads`]), each thread part with buffers
+//! kept in the plan's state ([`AttentionScratch`]).
 //!
 //! [`fuse_attention`] finds `EinSum(q, k) → Softmax → EinSum(·, v)` in a decluttered
 //! model, in whatever axis order tract left the inputs (read from the einsums' axes:
@@ -347,7 +349,7 @@ impl Scratch {
 }
 
 /// An [`Attention`]'s buffers, kept between runs of a plan's state (tract's
-/// [`OpState`]): one [`Scratch`] per thread part, grown on the first run and reused
+/// [`OpState`]): one scratch per thread part, grown on the first run and reused
 /// after, so a forward allocates nothing here but the op's output.
 #[derive(Debug, Clone, Default)]
 pub struct AttentionScratch {

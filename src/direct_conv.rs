@@ -191,7 +191,7 @@ impl Policy {
     /// columns or more and up to 64 output channels. Measured on an AVX2-only 2-core
     /// AMD EPYC (`cargo bench --bench unet_forward -- profile models/fashion/unet.onnx 1
     /// 32 32 1 400 --direct-tiles wide16x6,narrow|narrow|none --direct-max-channels 256
-    /// --direct-min-width 8`; `docs/PERFORMANCE.md`, lever 13): on the shipped U-Net the
+    /// --direct-min-width 8`; `docs/PERFORMANCE.md`, the thirteenth lever): on the shipped U-Net the
     /// 16 × 6 tile ran 58-75 GFLOP/s, the 8 × 8 one 51-58 and tract's im2col path 31-60
     /// on the same convolutions (the 8 × 8 tile alone takes the 8-column ones, at 58-60
     /// against tract's 52-54). On the cifar-size U-Net's 128- and 256-channel
