@@ -10,7 +10,8 @@ CPU cores busy in the timed loop, peak RSS, load-to-first-step time and its part
 ONNX Runtime: the same ONNX file as tract (target/bench/cifar_unet.onnx or
 models/fashion/unet.onnx), CPUExecutionProvider, intra_op_num_threads = T,
 inter_op_num_threads = 1, default graph optimisations. PyTorch: the same weights
-(target/bench/cifar_unet.pt or tools/train/runs/unet_ema.pt) in diffusers' UNet2DModel,
+(target/bench/cifar_unet.pt, or for the shipped U-Net tools/train/runs/unet_ema.pt or the ONNX
+file's own weights) in diffusers' UNet2DModel,
 torch.set_num_threads(T), eval(), no_grad(). `--input`/`--output`: little-endian f32 files
 of the sample / the first forward's output (for the numerics check of the driver).
 
@@ -64,8 +65,6 @@ def torch_unet(model):
         unet.load_state_dict(torch.load(os.path.join(BENCH, "cifar_unet.pt"), weights_only=True))
     else:
         unet = export_unets.fashion_unet()
-        if unet is None:
-            raise SystemExit(f"{export_unets.FASHION_CKPT} missing: no PyTorch weights")
     return unet.eval()
 
 

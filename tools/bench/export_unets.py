@@ -4,11 +4,12 @@
    `UNet2DModel` with random weights (torch.manual_seed(0)): `cifar_unet.onnx` plus the
    state dict `cifar_unet.pt`, so that PyTorch runs the very same weights.
 2. The shipped Fashion-MNIST U-Net `models/fashion/unet.onnx` is used as it is. Its
-   PyTorch weights are the EMA checkpoint `tools/train/runs/unet_ema.pt` (git-ignored;
-   written by tools/train/train_unet.py, exported by tools/train/export.py with
-   `models.UNET_CONFIG`). This script checks that the checkpoint reproduces the ONNX file
-   (ONNX Runtime vs PyTorch on the same input) and writes `fashion_unet.json` saying
-   whether PyTorch can be benchmarked on it.
+   PyTorch weights are the EMA checkpoint `tools/train/runs/unet_ema.pt` when present
+   (git-ignored; written by tools/train/train_unet.py, exported by tools/train/export.py
+   with `models.UNET_CONFIG`), else the ONNX file's own weights loaded into the same
+   architecture. This script checks that they reproduce the ONNX file (ONNX Runtime vs
+   PyTorch on the same input) and writes `fashion_unet.json` saying whether PyTorch can
+   be benchmarked on it.
 
 Export settings (see /work/shared/TRACT-NOTES.md): torch.onnx.export with dynamo=False,
 opset 17, a dynamic batch axis, a wrapper returning `.sample`; inputs `sample` f32
@@ -62,15 +63,55 @@ def cifar_unet():
 
 
 def fashion_unet():
-    """The shipped U-Net's architecture (tools/train/models.py) with the EMA weights, or
-    None when the checkpoint is missing."""
-    if not os.path.isfile(FASHION_CKPT):
-        return None
+    """The shipped U-Net's architecture (tools/train/models.py) with the EMA weights of
+    the training checkpoint when it is here, else with the weights of the shipped ONNX
+    file itself (`fashion_weights_from_onnx`). `ort_vs_torch` checks either against
+    the ONNX file."""
     sys.path.insert(0, os.path.join(ROOT, "tools", "train"))
     from models import make_unet  # noqa: E402
     unet = make_unet()
-    unet.load_state_dict(torch.load(FASHION_CKPT, weights_only=False))
+    if os.path.isfile(FASHION_CKPT):
+        unet.load_state_dict(torch.load(FASHION_CKPT, weights_only=False))
+    else:
+        unet.load_state_dict(fashion_weights_from_onnx(unet.state_dict()))
     return unet.eval()
+
+
+def fashion_weights_source():
+    """Where `fashion_unet` takes its weights from, relative to the repository."""
+    path = FASHION_CKPT if os.path.isfile(FASHION_CKPT) else FASHION_ONNX
+    return os.path.relpath(path, ROOT)
+
+
+def fashion_weights_from_onnx(like):
+    """A state dict for the shipped U-Net read from models/fashion/unet.onnx, shaped
+    like `like` (the model's own state dict). The exporter kept most parameter names
+    (`unet.<key>`); the others it renamed `onnx::Op_N` and feeds to one node, named
+    `/unet/<module path>/<Op>`: a GroupNorm's affine as `Mul` (weight) and `Add` (bias)
+    of shape [C, 1(, 1)], a Linear's weight transposed as `MatMul`'s second input."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(FASHION_ONNX)
+    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    sd = {}
+    for name, value in init.items():
+        if name.startswith("unet."):
+            sd[name[len("unet."):]] = value
+    for node in model.graph.node:
+        for name in node.input:
+            if not name.startswith("onnx::") or name not in init:
+                continue
+            module = node.name.split("/")[2:-1]
+            role = {"Mul": "weight", "Add": "bias", "MatMul": "weight"}.get(node.op_type)
+            if not module or role is None:
+                raise SystemExit(f"{name}: no parameter for node {node.name}")
+            value = init[name].T if node.op_type == "MatMul" else init[name]
+            sd[".".join(module) + "." + role] = value
+    missing = sorted(set(like) - set(sd))
+    if missing:
+        raise SystemExit(f"{FASHION_ONNX}: no weights for {missing[:5]}...")
+    return {k: torch.from_numpy(np.array(sd[k], dtype=np.float32).reshape(v.shape))
+            for k, v in like.items()}
 
 
 def ort_vs_torch(path, unet, c, n=2):
@@ -135,20 +176,16 @@ def main():
     if args.force or not os.path.isfile(finfo_path):
         unet = fashion_unet()
         info = {"onnx": os.path.relpath(FASHION_ONNX, ROOT),
-                "checkpoint": os.path.relpath(FASHION_CKPT, ROOT)}
-        if unet is None:
-            info.update(torch_ok=False, reason=f"{info['checkpoint']} missing (git-ignored; "
-                        "run tools/train/ to make it): no PyTorch numbers for this U-Net")
-        else:
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as fc, torch.no_grad():
-                unet(torch.randn(1, 1, 32, 32), torch.tensor([500]))
-            diff = ort_vs_torch(FASHION_ONNX, unet, 1)
-            n_params = sum(p.numel() for p in unet.parameters())
-            info.update(torch_ok=diff <= TOL, ort_vs_torch_max_abs_diff=diff, params=n_params,
-                        weights_mb=n_params * 4 / 1e6, gflop_batch1=fc.get_total_flops() / 1e9)
-            if diff > TOL:
-                info["reason"] = f"checkpoint does not reproduce the ONNX file ({diff:.2e})"
+                "weights": fashion_weights_source()}
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            unet(torch.randn(1, 1, 32, 32), torch.tensor([500]))
+        diff = ort_vs_torch(FASHION_ONNX, unet, 1)
+        n_params = sum(p.numel() for p in unet.parameters())
+        info.update(torch_ok=diff <= TOL, ort_vs_torch_max_abs_diff=diff, params=n_params,
+                    weights_mb=n_params * 4 / 1e6, gflop_batch1=fc.get_total_flops() / 1e9)
+        if diff > TOL:
+            info["reason"] = f"{info['weights']} does not reproduce the ONNX file ({diff:.2e})"
         with open(finfo_path, "w") as f:
             json.dump(info, f, indent=1)
         print("fashion U-Net:", json.dumps(info), flush=True)
