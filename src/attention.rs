@@ -1022,6 +1022,16 @@ mod tests {
         Tensor::from_shape(&shape, &values(n, seed)).unwrap()
     }
 
+    /// The bits of an f32 tensor's values, for exact comparisons.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let t = t.try_as_plain_ram().unwrap();
+        t.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
     fn ax(head: Option<usize>, row: usize, feat: usize) -> Axes {
         Axes { head, row, feat }
     }
@@ -1092,14 +1102,6 @@ mod tests {
             assert_eq!(op_threads::threads(), 2);
             op.run(&q, &k, &v).unwrap()
         });
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let t = t.try_as_plain_ram().unwrap();
-            t.as_slice::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        };
         assert_eq!(bits(&one), bits(&two));
     }
 
@@ -1113,14 +1115,6 @@ mod tests {
             k: ax(Some(1), 0, 2),
             v: ax(Some(1), 0, 2),
             out: ax(Some(1), 0, 2),
-        };
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let t = t.try_as_plain_ram().unwrap();
-            t.as_slice::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
         };
         let mut kept = AttentionScratch::default();
         let pool = tract_linalg::multithread::Executor::multithread(2);
