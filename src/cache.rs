@@ -36,6 +36,13 @@ use xxhash_rust::xxh3::Xxh3;
 /// Bumped whenever what an entry holds, or how it is read, changes.
 const FORMAT: u32 = 1;
 
+/// The block size of [`PlanCache::key_of_file`]'s reads. Hashing the 143 MB cifar-size
+/// U-Net from the page cache took 77-111 ms with blocks of 256 KiB to 4 MiB and 25-28 ms
+/// with 64 KiB blocks (first read of the file in a process, AVX2 VM; later reads in the
+/// same process were ~25 ms at any size; the cause of the slow first pass with large
+/// blocks was not pinned down). `tools/bench/run.sh`'s cached start counts this hash.
+const HASH_BLOCK: usize = 1 << 16;
+
 /// A plan cache directory (created on first write). Clones share tract's NNEF framework
 /// (its operator registries take ~8 ms to build), built on first use and freed with the
 /// last clone: one build per pipeline load, not one per model.
@@ -81,7 +88,7 @@ impl PlanCache {
     }
 
     /// The key of a model file: xxh3-128 of its bytes, the format and esddpm's version,
-    /// read in 1 MiB blocks (the file is never whole in memory).
+    /// read in blocks of [`HASH_BLOCK`] bytes (the file is never whole in memory).
     pub(crate) fn key_of_file(path: &Path) -> Result<String> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -89,7 +96,7 @@ impl PlanCache {
         };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let mut hasher = Self::hasher();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; HASH_BLOCK];
         loop {
             let n = file.read(&mut buf).map_err(io)?;
             if n == 0 {
