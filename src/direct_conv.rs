@@ -536,11 +536,12 @@ mod x86 {
         conv_image::<32, 4>(g, xp, w, b, out)
     }
 
-    /// A tile function in `std::arch` intrinsics: `$l` outputs of a row (one vector)
-    /// × `$b` channels, the same operations in the same order as `conv_tile`, so the
+    /// A tile function in `std::arch` intrinsics: `$v` vectors of `$lanes` outputs of a
+    /// row × `$b` channels, the same operations in the same order as `conv_tile`, so the
     /// same bits.
     macro_rules! intrinsic_tile {
-        ($(#[$doc:meta])* $name:ident, $features:literal, $l:literal x $b:literal,
+        ($(#[$doc:meta])* $name:ident, $features:literal,
+         $v:literal vectors of $lanes:literal x $b:literal,
          $zero:ident, $load:ident, $fmadd:ident, $set1:ident, $add:ident, $store:ident) => {
             $(#[$doc])*
             #[target_feature(enable = $features)]
@@ -552,7 +553,9 @@ mod x86 {
                 out: &mut [f32],
             ) {
                 use std::arch::x86_64::*;
-                const L: usize = $l;
+                const V: usize = $v;
+                const LANES: usize = $lanes;
+                const L: usize = V * LANES;
                 const B: usize = $b;
                 let [oh, ow] = g.output;
                 let [hp, wp] = g.padded();
@@ -566,27 +569,39 @@ mod x86 {
                     let channels = out.len() / (oh * ow);
                     for row in 0..oh {
                         for col in (0..ow).step_by(L) {
-                            let mut acc = [$zero(); B];
+                            let mut acc = [[$zero(); V]; B];
                             for c in 0..cin {
                                 for dy in 0..kh {
                                     let line = (c * hp + row + dy) * wp + col;
                                     for dx in 0..kw {
-                                        // SAFETY: the asserts above keep `line + dx + L`
-                                        // within the padded image (`col + L <= ow`,
-                                        // `dx < kw`).
-                                        let x = unsafe { $load(xp.as_ptr().add(line + dx)) };
+                                        let mut x = [$zero(); V];
+                                        for (k, x) in x.iter_mut().enumerate() {
+                                            // SAFETY: the asserts above keep
+                                            // `line + dx + L` within the padded image
+                                            // (`col + L <= ow`, `dx < kw`).
+                                            *x = unsafe {
+                                                $load(xp.as_ptr().add(line + dx + k * LANES))
+                                            };
+                                        }
                                         let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
                                         for j in 0..B {
-                                            acc[j] = $fmadd(x, $set1(wt[j]), acc[j]);
+                                            let wj = $set1(wt[j]);
+                                            for k in 0..V {
+                                                acc[j][k] = $fmadd(x[k], wj, acc[j][k]);
+                                            }
                                         }
                                     }
                                 }
                             }
                             for (j, acc) in acc.iter().enumerate().take(channels) {
-                                let y = $add(*acc, $set1(b[j]));
+                                let bj = $set1(b[j]);
                                 let at = &mut out[(j * oh + row) * ow + col..][..L];
-                                // SAFETY: `at` holds L values.
-                                unsafe { $store(at.as_mut_ptr(), y) };
+                                for (k, acc) in acc.iter().enumerate() {
+                                    // SAFETY: `at` holds L = V × LANES values.
+                                    unsafe {
+                                        $store(at.as_mut_ptr().add(k * LANES), $add(*acc, bj))
+                                    };
+                                }
                             }
                         }
                     }
@@ -598,7 +613,7 @@ mod x86 {
     intrinsic_tile!(
         /// The 16 × 8 tile (AVX-512): the compiler did not vectorise the generic
         /// `conv_image::<16, 8>` (scalar fused multiply-adds, 20x slower).
-        wide16x8, "avx512f,avx2,fma", 16 x 8,
+        wide16x8, "avx512f,avx2,fma", 1 vectors of 16 x 8,
         _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_add_ps,
         _mm512_storeu_ps
     );
@@ -670,64 +685,18 @@ mod x86 {
     intrinsic_tile!(
         /// The 8 × 8 tile (AVX2): the generic `conv_image::<8, 8>` was not vectorised
         /// well either.
-        narrow8x8, "avx2,fma", 8 x 8,
+        narrow8x8, "avx2,fma", 1 vectors of 8 x 8,
         _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps,
         _mm256_storeu_ps
     );
 
-    /// The 16 × 6 tile (AVX2): two vectors of 8 outputs per channel, 12 accumulators.
-    /// The same operations in the same order as `conv_tile`, so the same bits.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn wide16x6(g: &Geometry, xp: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
-        const L: usize = 16;
-        const B: usize = 6;
-        let [oh, ow] = g.output;
-        let [hp, wp] = g.padded();
-        let [kh, kw] = g.kernel;
-        let cin = g.cin;
-        let taps = cin * kh * kw;
-        assert!(ow.is_multiple_of(L) && b.len() == w.len() / taps);
-        assert!(xp.len() >= cin * hp * wp && hp >= oh + kh - 1 && wp >= ow + kw - 1);
-        let blocks = w.chunks_exact(taps * B).zip(b.chunks_exact(B));
-        for ((w, b), out) in blocks.zip(out.chunks_mut(B * oh * ow)) {
-            let channels = out.len() / (oh * ow);
-            for row in 0..oh {
-                for col in (0..ow).step_by(L) {
-                    let mut lo = [_mm256_setzero_ps(); B];
-                    let mut hi = [_mm256_setzero_ps(); B];
-                    for c in 0..cin {
-                        for dy in 0..kh {
-                            let line = (c * hp + row + dy) * wp + col;
-                            for dx in 0..kw {
-                                // SAFETY: the asserts above keep `line + dx + 16` within
-                                // the padded image (`col + 16 <= ow`, `dx < kw`).
-                                let (x0, x1) = unsafe {
-                                    let at = xp.as_ptr().add(line + dx);
-                                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
-                                };
-                                let wt = &w[((c * kh + dy) * kw + dx) * B..][..B];
-                                for j in 0..B {
-                                    let wj = _mm256_set1_ps(wt[j]);
-                                    lo[j] = _mm256_fmadd_ps(x0, wj, lo[j]);
-                                    hi[j] = _mm256_fmadd_ps(x1, wj, hi[j]);
-                                }
-                            }
-                        }
-                    }
-                    for j in 0..channels.min(B) {
-                        let bj = _mm256_set1_ps(b[j]);
-                        let at = &mut out[(j * oh + row) * ow + col..][..L];
-                        // SAFETY: `at` holds 16 values.
-                        unsafe {
-                            _mm256_storeu_ps(at.as_mut_ptr(), _mm256_add_ps(lo[j], bj));
-                            _mm256_storeu_ps(at.as_mut_ptr().add(8), _mm256_add_ps(hi[j], bj));
-                        }
-                    }
-                }
-            }
-        }
-    }
+    intrinsic_tile!(
+        /// The 16 × 6 tile (AVX2): two vectors of 8 outputs per channel, 12
+        /// accumulators.
+        wide16x6, "avx2,fma", 2 vectors of 8 x 6,
+        _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_set1_ps, _mm256_add_ps,
+        _mm256_storeu_ps
+    );
 }
 
 /// A [`DirectConv`]'s scratch, kept between runs of a plan's state: the padded input
