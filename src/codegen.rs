@@ -28,6 +28,7 @@
 
 use std::collections::HashSet;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::TractErrorContext;
 use tract_onnx::tract_core::ops::change_axes::IntoShape;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::pack::{OptMatMulPack, OptSimpleMatMulPack};
@@ -160,8 +161,11 @@ fn fold(model: &mut TypedModel, chain: &[usize]) -> TractResult<Fold> {
     let pack = *chain.last().expect("a packing");
     let volume = weight.val().volume();
     let reshapes = reshape_dims(model, &chain[1..chain.len() - 1], volume);
-    let (packed, how) = match reshapes.and_then(|dims| Some((dims, take_weight(model, chain[0])?)))
-    {
+    let taken = match reshapes {
+        Some(dims) => take_weight(model, chain[0])?.map(|tensor| (dims, tensor)),
+        None => None,
+    };
+    let (packed, how) = match taken {
         Some((dims, mut tensor)) => {
             let shape: TVec<usize> = tensor.shape().into();
             for d in &dims {
@@ -230,36 +234,46 @@ fn eval_step(model: &TypedModel, id: usize, value: TValue, input_mem: u64) -> Op
 /// Takes the plain tensor of constant node `id` out of the graph, when the node (its
 /// op and its output's constant fact) holds the only references to it: the node is
 /// left holding an empty tensor of the same type until [`put_weight_back`] or the
-/// next compaction (a folded chain's weight node is dead). `None`, the node
-/// untouched, otherwise.
-fn take_weight(model: &mut TypedModel, id: usize) -> Option<Tensor> {
-    let node = model.node_mut(id);
-    let konst = node.op_as::<Const>()?;
-    if konst.exotic_fact().is_some() {
-        return None;
+/// next compaction (a folded chain's weight node is dead). `None`, the node as it was,
+/// otherwise.
+fn take_weight(model: &mut TypedModel, id: usize) -> TractResult<Option<Tensor>> {
+    let node = model.node(id);
+    let Some(konst) = node.op_as::<Const>() else {
+        return Ok(None);
+    };
+    if konst.exotic_fact().is_some() || node.outputs.len() != 1 {
+        return Ok(None);
     }
     let weight = konst.val().clone();
-    let empty = Const::new(Arc::new(Tensor::zero_dt(weight.datum_type(), &[0]).ok()?)).ok()?;
+    let empty = Const::new(Arc::new(Tensor::zero_dt(weight.datum_type(), &[0])?))?;
+    let node = model.node_mut(id);
     node.op = Box::new(empty);
-    let fact = node.outputs.first_mut()?;
     // The fact's reference goes too, or the weight is not ours to move.
-    drop(fact.fact.konst.take());
+    drop(node.outputs[0].fact.konst.take());
     match Arc::try_unwrap(weight) {
-        Ok(tensor) => Some(tensor),
+        Ok(tensor) => Ok(Some(tensor)),
         Err(weight) => {
-            fact.fact.konst = Some(weight.clone());
-            node.op = Box::new(Const::new(weight).ok()?);
-            None
+            put_back(model, id, weight)?;
+            Ok(None)
         }
     }
 }
 
 /// Puts a weight taken by [`take_weight`] back in constant node `id`.
 fn put_weight_back(model: &mut TypedModel, id: usize, tensor: Tensor) -> TractResult<()> {
-    let weight = Arc::new(tensor);
+    put_back(model, id, Arc::new(tensor))
+}
+
+/// Constant node `id` holding `weight` again, in its op and in its output's fact (as
+/// tract's `Const` states its value there).
+fn put_back(model: &mut TypedModel, id: usize, weight: Arc<Tensor>) -> TractResult<()> {
     let node = model.node_mut(id);
     node.op = Box::new(Const::new(weight.clone())?);
-    node.outputs[0].fact.konst = Some(weight);
+    node.outputs
+        .first_mut()
+        .context("a constant without its output")?
+        .fact
+        .konst = Some(weight);
     Ok(())
 }
 
@@ -332,13 +346,13 @@ mod tests {
         let konst = |m: &TypedModel| m.outlet_fact(id.into()).unwrap().konst.clone();
 
         // Held elsewhere too: not taken, the node as it was.
-        assert!(take_weight(&mut model, id).is_none());
+        assert!(take_weight(&mut model, id).unwrap().is_none());
         assert_eq!(*val(&model), original);
         assert!(Arc::ptr_eq(&konst(&model).unwrap(), &shared));
 
         // Held by the graph alone: taken, the node left empty, then put back.
         drop(shared);
-        let taken = take_weight(&mut model, id).unwrap();
+        let taken = take_weight(&mut model, id).unwrap().unwrap();
         assert_eq!(taken, original);
         assert_eq!(val(&model).len(), 0);
         assert!(konst(&model).is_none());
