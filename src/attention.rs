@@ -959,7 +959,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values::values;
+    use crate::test_values::{bits, values};
 
     /// `softmax(Q Kᵀ) V` in f64, straight from the definition, for tensors laid out
     /// as `op` says.
@@ -1020,16 +1020,6 @@ mod tests {
         shape[axes.feat] = feat;
         let n = shape.iter().product();
         Tensor::from_shape(&shape, &values(n, seed)).unwrap()
-    }
-
-    /// The bits of an f32 tensor's values, for exact comparisons.
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let t = t.try_as_plain_ram().unwrap();
-        t.as_slice::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
     }
 
     fn ax(head: Option<usize>, row: usize, feat: usize) -> Axes {

@@ -293,6 +293,7 @@ pub(crate) fn return_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_values::bits;
     use std::cell::Cell;
 
     thread_local! {
@@ -389,14 +390,6 @@ mod tests {
             };
             let a = ours.into_runnable().unwrap().run(inputs()).unwrap();
             let b = theirs.into_runnable().unwrap().run(inputs()).unwrap();
-            let bits = |t: &TValue| -> Vec<u32> {
-                let t = t.try_as_plain_ram().unwrap();
-                t.as_slice::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
             assert_eq!(bits(&a[0]), bits(&b[0]));
         }
     }

@@ -868,7 +868,7 @@ pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values::values;
+    use crate::test_values::{bits, values};
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 
     /// One tract `Conv` of `x_shape` input with `cout` channels, `kernel` and
@@ -1148,11 +1148,7 @@ mod tests {
             .map(|&tile| {
                 let op = DirectConv::new(g, tile, weights, Some(bias))?;
                 let y = op.run(&mut Scratch::default(), &[x.clone().into_tvalue()])?;
-                Ok(y.try_as_plain_ram()?
-                    .as_slice::<f32>()?
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect())
+                Ok(bits(&y))
             })
             .collect::<TractResult<_>>()?;
         for other in outputs.iter().skip(1) {

@@ -1,5 +1,17 @@
 //! Seeded test data shared by the unit tests of esddpm's own operators.
 
+use tract_onnx::prelude::Tensor;
+
+/// The bits of an f32 tensor's values, for exact comparisons (panics on another type).
+pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
+    let t = t.try_as_plain_ram().expect("a tensor in memory");
+    t.as_slice::<f32>()
+        .expect("f32 values")
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 /// `n` seeded values in [-1, 1) (xorshift64; the same for a seed on every platform).
 pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
