@@ -10,7 +10,8 @@
 //!   `F`) after tract's `declutter`, in NNEF with tract's extensions.
 //!
 //! A start with the cache reads the ONNX file only to hash it; the plan comes from the
-//! NNEF file and tract's codegen pass. On the cifar-size U-Net that takes load-to-first-
+//! NNEF file (read by [`crate::nnef_file`], its graph parsed beside the tensor reads)
+//! and tract's codegen pass. On the cifar-size U-Net that takes load-to-first-
 //! step from 0.85 s to 0.62 s, at a peak RSS of 1.39x the weights (1.41x without the
 //! cache; docs/PERFORMANCE.md); a first start pays ~0.2 s to write the entry. The outputs are
 //! the same bits as without the cache (tested).
@@ -192,7 +193,10 @@ impl PlanCache {
         // The NNEF reader's casts of values to their own type go, so the model is the
         // graph the ONNX path declutters (and esddpm's load-time rewrites match it).
         let model = crate::model::guarded(role, "cache", || {
-            let mut model = self.nnef().model_for_path(path)?;
+            let mut model = match crate::nnef_file::read(path)? {
+                Some(proto) => self.nnef().model_for_proto_model(&proto)?,
+                None => self.nnef().model_for_path(path)?,
+            };
             crate::rewrite::remove_identity_casts(&mut model)?;
             Ok(model)
         })

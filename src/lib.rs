@@ -44,6 +44,7 @@ pub mod group_norm;
 pub mod images;
 pub mod memory;
 pub mod model;
+mod nnef_file;
 mod onnx_file;
 pub mod op_threads;
 pub mod pipeline;
