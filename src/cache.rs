@@ -10,7 +10,7 @@
 //!   `F`) after tract's `declutter`, in NNEF with tract's extensions.
 //!
 //! A start with the cache reads the ONNX file only to hash it; the plan comes from the
-//! NNEF file (read by [`crate::nnef_file`], its graph parsed beside the tensor reads)
+//! NNEF file (its graph parsed on a second thread beside the tensor reads)
 //! and tract's codegen pass. On the cifar-size U-Net that takes load-to-first-
 //! step from 0.85 s to 0.62 s, at a peak RSS of 1.39x the weights (1.41x without the
 //! cache; docs/PERFORMANCE.md); a first start pays ~0.2 s to write the entry. The outputs are
