@@ -1166,20 +1166,7 @@ mod tests {
 #[cfg(test)]
 mod on_the_shipped_unet {
     use super::*;
-
-    fn decluttered() -> TypedModel {
-        tract_onnx::onnx()
-            .model_for_path("models/fashion/unet.onnx")
-            .unwrap()
-            .with_input_fact(0, f32::fact([1, 1, 32, 32]).into())
-            .unwrap()
-            .with_input_fact(1, i64::fact([1]).into())
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap()
-    }
+    use crate::test_values::decluttered;
 
     fn run(model: TypedModel) -> Vec<f32> {
         let x = crate::test_values::values(1024, 9);
@@ -1199,7 +1186,7 @@ mod on_the_shipped_unet {
 
     #[test]
     fn every_attention_is_fused_within_rounding_of_tracts() {
-        let plain = decluttered();
+        let plain = decluttered("models/fashion/unet.onnx", [1, 1, 32, 32]);
         let attentions = plain
             .nodes()
             .iter()

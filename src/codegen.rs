@@ -293,7 +293,7 @@ pub(crate) fn return_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values::bits;
+    use crate::test_values::{bits, decluttered};
     use std::cell::Cell;
 
     thread_local! {
@@ -311,20 +311,6 @@ mod tests {
                 Fold::Copied => (moved, copied + 1),
             })
         });
-    }
-
-    fn decluttered(path: &str, shape: [usize; 4]) -> TypedModel {
-        tract_onnx::onnx()
-            .model_for_path(path)
-            .unwrap()
-            .with_input_fact(0, f32::fact(shape).into())
-            .unwrap()
-            .with_input_fact(1, i64::fact([shape[0]]).into())
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap()
     }
 
     fn ops(model: &TypedModel) -> Vec<String> {

@@ -124,17 +124,7 @@ mod tests {
 
     /// The shipped U-Net, decluttered at batch 2, in NNEF as the plan cache writes it.
     fn cached_unet(dir: &Path) -> (tract_nnef::framework::Nnef, PathBuf) {
-        let model = tract_onnx::onnx()
-            .model_for_path("models/fashion/unet.onnx")
-            .unwrap()
-            .with_input_fact(0, f32::fact([2, 1, 32, 32]).into())
-            .unwrap()
-            .with_input_fact(1, i64::fact([2]).into())
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
+        let model = crate::test_values::decluttered("models/fashion/unet.onnx", [2, 1, 32, 32]);
         let nnef = tract_nnef::nnef().with_onnx();
         let path = dir.join("unet.nnef.tar");
         nnef.write_to_tar(&model, std::fs::File::create(&path).unwrap())

@@ -1,6 +1,22 @@
-//! Seeded test data shared by the unit tests of esddpm's own operators.
+//! Seeded test data and models shared by the unit tests of esddpm's own operators.
 
-use tract_onnx::prelude::Tensor;
+use tract_onnx::prelude::*;
+
+/// The U-Net at `path` (inputs: a sample of `shape`, one timestep per image) after
+/// tract's declutter, as loading makes it before esddpm's rewrites.
+pub(crate) fn decluttered(path: &str, shape: [usize; 4]) -> TypedModel {
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .unwrap()
+        .with_input_fact(0, f32::fact(shape).into())
+        .unwrap()
+        .with_input_fact(1, i64::fact([shape[0]]).into())
+        .unwrap()
+        .into_typed()
+        .unwrap()
+        .into_decluttered()
+        .unwrap()
+}
 
 /// The bits of an f32 tensor's values, for exact comparisons (panics on another type).
 pub(crate) fn bits(t: &Tensor) -> Vec<u32> {
