@@ -10,7 +10,7 @@
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
 //!     [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off]
-//!     [--attention fused|off]
+//!     [--attention fused|off] [--pointwise fused|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -37,7 +37,8 @@
 //! give the direct convolutions another `Policy` (channel and width limits, tiles), to
 //! re-measure where they win; `--group-norm off` leaves tract's decomposition of each
 //! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
-//! `--attention off` likewise tract's attention (`esddpm::attention`).
+//! `--attention off` likewise tract's attention (`esddpm::attention`), and
+//! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`).
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -50,6 +51,7 @@ use esddpm::direct_conv::{use_direct_convs_with, Policy, Tile};
 use esddpm::group_norm::fuse_group_norms;
 use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::{node_flops, OnnxModel};
+use esddpm::pointwise_conv::fuse_pointwise_convs_with;
 use esddpm::unet::Unet;
 use esddpm::{GenerateOptions, LoadOptions, ModelRole, Pipeline, SamplerChoice, Start};
 use serde_json::{json, Value};
@@ -68,7 +70,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -469,6 +471,7 @@ fn profile(a: &Args) -> Res<Value> {
     // `direct_conv::Policy`.
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
+    // `--pointwise off`: esddpm's plan with tract's 1 × 1 convolutions.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
@@ -481,12 +484,18 @@ fn profile(a: &Args) -> Res<Value> {
         Some("off") => false,
         Some(_) => usage(),
     };
+    let fuse_pointwise = match a.opts.get("pointwise").map(String::as_str) {
+        None | Some("fused") => true,
+        Some("off") => false,
+        Some(_) => usage(),
+    };
     let custom = [
         "direct-max-channels",
         "direct-min-width",
         "direct-tiles",
         "group-norm",
         "attention",
+        "pointwise",
     ]
     .iter()
     .any(|k| a.opts.contains_key(*k));
@@ -525,6 +534,9 @@ fn profile(a: &Args) -> Res<Value> {
                 }
                 if rewrite == "all" {
                     use_direct_convs_with(&mut m, &policy)?;
+                    if fuse_pointwise {
+                        fuse_pointwise_convs_with(&mut m, &policy)?;
+                    }
                 }
                 m.optimize()?;
                 esddpm::rewrite::natural_const_strides(&mut m)?;

@@ -31,7 +31,9 @@
 //! up to 64 output channels on rows of 8 columns or more (tiles of 16 × 6 on rows a
 //! multiple of 16, else 8 × 8). A last partial tile of channels is computed on zero
 //! weights and not stored.
-//! Everything else, and every other CPU, stays with tract.
+//! Everything else, and every other CPU, stays with tract. 1 × 1 convolutions, which
+//! tract's declutter has made matrix products by then, reach it through
+//! [`crate::pointwise_conv`].
 //!
 //! The 16 × 8, two-row, 8 × 8 and 16 × 6 tiles are written in `std::arch` intrinsics:
 //! the compiler did not vectorise the generic loop for them (the 32 × 4 one it does).
@@ -380,6 +382,17 @@ impl DirectConv {
         let mut y = Tensor::zero::<f32>(&[n, g.cout, oh, ow])?;
         let mut view = y.try_as_plain_ram_mut()?;
         let out = view.as_slice_mut::<f32>()?;
+        // Without padding (a 1 × 1 kernel, as `pointwise_conv` makes, or a "valid"
+        // convolution) the tiles read each image where it is, uncopied.
+        if g.padded() == g.input && self.tile != Tile::Rows2x8 {
+            for (image, out) in input
+                .chunks_exact(g.cin * ih * iw)
+                .zip(out.chunks_exact_mut(g.cout * oh * ow))
+            {
+                self.run_image(image, &scratch.bias, out);
+            }
+            return Ok(y);
+        }
         // Rows of the padded width, or for `Rows2x8` of the input's width (no columns
         // of zeros) between guards of zeros.
         let (row_len, left, guard) = match self.tile {

@@ -1,8 +1,9 @@
 //! Swapping a pattern of nodes for one op: the part esddpm's fused operators
-//! ([`crate::group_norm`], [`crate::attention`]) share. Each finds its pattern in a
+//! ([`crate::group_norm`], [`crate::attention`], [`crate::pointwise_conv`]) share. Each finds its pattern in a
 //! decluttered model, node by node; [`fuse_all`] wires the op in its place.
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
 
 /// A pattern found: the op that computes it, the outlets it reads, the outlet it
 /// replaces and the nodes it removes.
@@ -53,4 +54,42 @@ pub(crate) fn only_reader(model: &TypedModel, outlet: OutletId) -> Option<&Typed
         return None;
     }
     Some(model.node(succ[0].node))
+}
+
+/// When `node` is a binary op of type `B` on `from` and a constant, the constant.
+pub(crate) fn bin_with_const<'m, B: BinMiniOp>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+    from: OutletId,
+) -> Option<&'m Arc<Tensor>> {
+    let op = node.op_as::<TypedBinOp>()?;
+    if !op.0.is::<B>() || node.inputs.len() != 2 || op.1.is_some() {
+        return None;
+    }
+    let other = match node.inputs.iter().position(|i| *i == from)? {
+        0 => node.inputs[1],
+        _ => node.inputs[0],
+    };
+    model.outlet_fact(other).ok()?.konst.as_ref()
+}
+
+/// One value per channel from a constant of shape `[1, C, 1, ...]` (rank `rank`).
+pub(crate) fn per_channel(konst: &Tensor, channels: usize, rank: usize) -> Option<Vec<f32>> {
+    let shape = konst.shape();
+    let fits = shape.len() == rank
+        && shape
+            .iter()
+            .enumerate()
+            .all(|(axis, &d)| d == if axis == 1 { channels } else { 1 });
+    if !fits || konst.datum_type() != f32::datum_type() {
+        return None;
+    }
+    Some(
+        konst
+            .to_plain_array_view::<f32>()
+            .ok()?
+            .iter()
+            .copied()
+            .collect(),
+    )
 }

@@ -27,10 +27,10 @@
 //! `optimize`) and swaps it for the op. It matches only the exact pattern (constant γ
 //! and β per channel, or none), so anything else stays with tract.
 
-use crate::fusion::{fuse_all, only_reader, Fusion};
+use crate::fusion::{bin_with_const, fuse_all, only_reader, per_channel, Fusion};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm, Silu};
@@ -290,44 +290,6 @@ impl TypedOp for GroupNorm {
         let fmas = if self.silu { 4 + 12 } else { 4 };
         Ok(tvec!((Cost::FMA(f32::datum_type()), values * fmas)))
     }
-}
-
-/// When `node` is a binary op of type `B` on `from` and a constant, the constant.
-fn bin_with_const<'m, B: BinMiniOp>(
-    model: &'m TypedModel,
-    node: &TypedNode,
-    from: OutletId,
-) -> Option<&'m Arc<Tensor>> {
-    let op = node.op_as::<TypedBinOp>()?;
-    if !op.0.is::<B>() || node.inputs.len() != 2 || op.1.is_some() {
-        return None;
-    }
-    let other = match node.inputs.iter().position(|i| *i == from)? {
-        0 => node.inputs[1],
-        _ => node.inputs[0],
-    };
-    model.outlet_fact(other).ok()?.konst.as_ref()
-}
-
-/// One value per channel from a constant of shape `[1, C, 1, ...]` (rank `rank`).
-fn per_channel(konst: &Tensor, channels: usize, rank: usize) -> Option<Vec<f32>> {
-    let shape = konst.shape();
-    let fits = shape.len() == rank
-        && shape
-            .iter()
-            .enumerate()
-            .all(|(axis, &d)| d == if axis == 1 { channels } else { 1 });
-    if !fits || konst.datum_type() != f32::datum_type() {
-        return None;
-    }
-    Some(
-        konst
-            .to_plain_array_view::<f32>()
-            .ok()?
-            .iter()
-            .copied()
-            .collect(),
-    )
 }
 
 /// tract's decomposition of a group norm starting at `node` (module docs), or `None`.

@@ -48,6 +48,7 @@ mod nnef_file;
 mod onnx_file;
 pub mod op_threads;
 pub mod pipeline;
+pub mod pointwise_conv;
 pub mod prior;
 pub mod rewrite;
 pub mod session;

@@ -5,7 +5,7 @@ use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::onnx_file::OnnxFile;
-use crate::{attention, codegen, direct_conv, group_norm, rewrite};
+use crate::{attention, codegen, direct_conv, group_norm, pointwise_conv, rewrite};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -479,6 +479,7 @@ impl OnnxModel {
             group_norm::fuse_group_norms(&mut optimised)?;
             attention::fuse_attention(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
+            pointwise_conv::fuse_pointwise_convs(&mut optimised)?;
             codegen::optimize(&mut optimised)?;
             rewrite::natural_const_strides(&mut optimised)?;
             optimised.into_runnable()
