@@ -11,27 +11,27 @@
 //! y = b + W₀ · x[0..c₁] + W₁ · x[c₁..C]          (over channels; every pixel alike)
 //! ```
 //!
-//! On the shipped U-Net these products are small (16-64 output channels) and tract ran
-//! them at 10-25 GFLOP/s, a tenth of its forward for 3% of its FLOPs. [`fuse_pointwise_convs`]
-//! finds either form in a decluttered model and swaps it for one
-//! [`DirectConv`](crate::direct_conv::DirectConv) with a 1 × 1 kernel on the whole
-//! input, its weights the pieces' side by side:
+//! On the shipped U-Net these products are small (16-64 output channels, 3% of its
+//! FLOPs) and tract ran them at 10-25 GFLOP/s, ~9% of its forward.
+//! [`fuse_pointwise_convs`] finds either form in a decluttered model and swaps it for
+//! one [`DirectConv`] with a 1 × 1 kernel on the whole input, its weights the pieces'
+//! side by side:
 //!
 //! ```text
 //! y[n, o, i, j] = b[o] + Σ_c W[o, c] · x[n, c, i, j]      (c in order, from zero)
 //! ```
 //!
-//! within the limits of the CPU's default [`Policy`](crate::direct_conv::Policy), the
-//! same as for the other direct convolutions, at batch 1: the batch esddpm runs its
-//! U-Net at. Both forms of the product are matched: the one tract's declutter makes from
-//! the ONNX file, and the one its NNEF reader gives back from a plan cache entry (the
-//! pixels merged into one axis around it), so that a plan from the cache has the same
-//! operators, and gives the same bits, as one from the file. A batched product read
-//! back from the cache has yet another form; batched plans keep tract's product, from
-//! either source. The sum runs in another order than
-//! tract's (one chain over all channels, not one per piece then their sum), so the
-//! result differs from tract's in the last bits (tested). Anything else stays with
-//! tract.
+//! within the limits of the CPU's default [`Policy`], the same as for the other direct
+//! convolutions, at batch 1: the batch esddpm runs its U-Net at. Both forms of the
+//! product are matched: the one tract's declutter makes from the ONNX file, and the one
+//! its NNEF reader gives back from a plan cache entry (the pixels merged into one axis
+//! around it), so that a plan from the cache has the same operators, and gives the same
+//! bits, as one from the file. A batched product read back from the cache has yet
+//! another form; batched plans keep tract's product, from either source.
+//!
+//! The sum runs in another order than tract's (one chain over all channels, not one per
+//! piece then their sum), so the result differs from tract's in the last bits (tested).
+//! Anything else stays with tract.
 
 use crate::direct_conv::{DirectConv, Geometry, Policy};
 use crate::fusion::{bin_with_const, fuse_all, only_reader, per_channel, Fusion};
