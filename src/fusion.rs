@@ -1,6 +1,8 @@
 //! Swapping a pattern of nodes for one op: the part esddpm's fused operators
-//! ([`crate::group_norm`], [`crate::attention`], [`crate::pointwise_conv`]) share. Each finds its pattern in a
-//! decluttered model, node by node; [`fuse_all`] wires the op in its place.
+//! ([`crate::group_norm`], [`crate::attention`], [`crate::pointwise_conv`]) share. Each
+//! finds its pattern in a decluttered model, node by node; [`fuse_all`] wires the op in
+//! its place. A pattern found may leave nodes of the graph as garbage (no outputs) until
+//! the compaction at the end, so a finder must not assume every node has its outputs.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
