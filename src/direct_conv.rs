@@ -208,8 +208,12 @@ impl Policy {
     }
 
     /// The first of the policy's available tiles that fits a convolution of
-    /// geometry `g` ([`Tile::fits`]).
+    /// geometry `g` ([`Tile::fits`]); `None` when `g` is beyond the policy's limits
+    /// (more output channels, or narrower output rows) or no tile fits.
     pub fn tile_for(&self, g: &Geometry) -> Option<Tile> {
+        if g.cout > self.max_output_channels || g.output[1] < self.min_output_width {
+            return None;
+        }
         let available = Tile::available();
         self.tiles
             .iter()
@@ -806,7 +810,6 @@ fn direct_for(
         || !ones(&spec.strides)
         || !ones(&spec.dilations)
         || spec.kernel_shape.iter().product::<usize>() < 2
-        || spec.output_channels > policy.max_output_channels
     {
         return Ok(None);
     }
@@ -834,9 +837,6 @@ fn direct_for(
         pad_before: [padding[0].pad_before, padding[1].pad_before],
         output: [padding[0].convoluted, padding[1].convoluted],
     };
-    if geometry.output[1] < policy.min_output_width {
-        return Ok(None);
-    }
     let Some(tile) = policy.tile_for(&geometry) else {
         return Ok(None);
     };

@@ -249,9 +249,6 @@ fn pointwise_at(
             pad_before: [0, 0],
             output: [h, w],
         };
-        if cout > policy.max_output_channels || w < policy.min_output_width {
-            continue;
-        }
         let Some(tile) = policy.tile_for(&geometry) else {
             continue;
         };
