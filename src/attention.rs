@@ -12,10 +12,10 @@
 //! scores are written, packed for the second product and read back, with three
 //! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
 //! time: the scores of four queries against all keys (register tiles of 4 queries ×
-//! 64 keys with AVX-512, × 32 with AVX2), tract's own softmax kernels on each row (the
-//! ones tract's `Softmax` runs), then the four output rows (tiles of 4 × 32 values with
-//! AVX-512, 4 × 16 with AVX2: the tiles fit each one's registers, lever 13). The
-//! scores never leave the cache. Heads and blocks of queries are split across
+//! 64 keys with AVX-512, × 32 with AVX2), each row's exponentials `exp(s − max s)` and
+//! their sum (`src/attention/softmax.rs`, lever 17), then the four output rows (tiles of 4 × 32 values
+//! with AVX-512, 4 × 16 with AVX2: the tiles fit each one's registers, lever 13),
+//! divided by their row's sum. The scores never leave the cache. Heads and blocks of queries are split across
 //! esddpm's operator threads ([`crate::op_threads`]), each thread part with buffers
 //! kept in the plan's state ([`AttentionScratch`]).
 //!
@@ -23,6 +23,8 @@
 //! model, in whatever axis order tract left the inputs (read from the einsums' axes:
 //! one optional head axis, the query, key and feature axes), and swaps it for the op.
 //! Anything else stays with tract.
+
+mod softmax;
 
 use crate::fusion::{fuse_all, only_reader, Fusion};
 use crate::op_threads;
@@ -247,7 +249,7 @@ fn run_all(
     op_threads::for_each(work, |(p, sc)| {
         let (u0, u1) = (units * p / parts, units * (p + 1) / parts);
         let mut part = || -> TractResult<()> {
-            sc.fit(dims)?;
+            sc.fit(dims);
             for unit in u0..u1 {
                 let (h, b) = (unit / blocks, unit % blocks);
                 let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
@@ -268,55 +270,9 @@ fn run_all(
     }
 }
 
-/// tract's f32 softmax over one row, with the kernels tract's `Softmax` runs: its
-/// whole-row kernel where this CPU has one and the row is a multiple of 4 long, else
-/// its max, exp-and-sum and scale kernels (the same bits as tract's op).
-#[derive(Debug, Clone)]
-enum RowSoftmax {
-    Rows(tract_linalg::routines::SoftmaxRowsF32),
-    Kernels {
-        max: Box<dyn tract_linalg::reduce::Reduce<f32>>,
-        exp_sum: Box<dyn tract_linalg::reduce::MapReduce<f32, f32>>,
-        scale: Box<dyn tract_linalg::element_wise::ElementWise<f32, f32>>,
-    },
-}
-
-impl RowSoftmax {
-    fn new(len: usize) -> TractResult<Self> {
-        use tract_linalg::routines::Func;
-        if let Some(kernel) =
-            tract_linalg::routines::softmax_rows_f32().filter(|_| len.is_multiple_of(4))
-        {
-            return Ok(Self::Rows(kernel));
-        }
-        Ok(Self::Kernels {
-            max: Func::ReduceMax.reduce_f32()?,
-            exp_sum: Func::Softmax2.map_reduce_f32()?,
-            scale: Func::MulByScalar.ew_f32_param()?,
-        })
-    }
-
-    fn run(&self, row: &mut [f32]) -> TractResult<()> {
-        match self {
-            Self::Rows(kernel) => kernel(row, row.len()),
-            Self::Kernels {
-                max,
-                exp_sum,
-                scale,
-            } => {
-                let m = max.run(row)?;
-                let sum = exp_sum.run_with_params(row, m)?;
-                scale.run_with_params(row, sum.recip())?;
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A thread part's buffers: K of one head transposed (D × M), V of one head (M × E), a
-/// tile of queries (4 × D), their scores (4 × M) and outputs (4 × E), and the softmax
-/// kernels for rows of M; sized by [`Scratch::fit`] on every run, allocated only when
-/// the sizes grow.
+/// tile of queries (4 × D), their scores (4 × M) and outputs (4 × E); sized by
+/// [`Scratch::fit`] on every run, allocated only when the sizes grow.
 #[derive(Debug, Clone, Default)]
 struct Scratch {
     q: Vec<f32>,
@@ -326,25 +282,19 @@ struct Scratch {
     o: Vec<f32>,
     /// The head whose K and V `kt` and `v` hold in this run.
     head: Option<usize>,
-    /// The softmax kernels and the row length they were chosen for.
-    softmax: Option<(usize, RowSoftmax)>,
     isa: Option<tiles::Isa>,
 }
 
 impl Scratch {
     /// Sizes the buffers for `d` and forgets the head: K and V are a new run's.
-    fn fit(&mut self, d: Dims) -> TractResult<()> {
+    fn fit(&mut self, d: Dims) {
         self.q.resize(ROWS * d.d, 0.0);
         self.kt.resize(d.d * d.m, 0.0);
         self.v.resize(d.m * d.e, 0.0);
-        self.s.resize(ROWS * d.m.next_multiple_of(16) + 16, 0.0);
+        self.s.resize(ROWS * d.m, 0.0);
         self.o.resize(ROWS * d.e, 0.0);
         self.head = None;
-        if self.softmax.as_ref().is_none_or(|(m, _)| *m != d.m) {
-            self.softmax = Some((d.m, RowSoftmax::new(d.m)?));
-        }
         self.isa.get_or_insert_with(tiles::Isa::detect);
-        Ok(())
     }
 }
 
@@ -391,7 +341,7 @@ fn run_unit(
     sc: &mut Scratch,
 ) -> TractResult<()> {
     let Dims { m, d, e, .. } = dims;
-    let (Some(isa), Some((_, softmax))) = (sc.isa, &sc.softmax) else {
+    let Some(isa) = sc.isa else {
         bail!("attention scratch used before Scratch::fit");
     };
     if sc.head != Some(h) {
@@ -434,30 +384,22 @@ fn run_unit(
                 }
             }
         }
-        // Score rows start on 64-byte boundaries, a stride of 16 values apart: tract's
-        // softmax kernels split a row by its alignment, so a fixed alignment keeps the
-        // bits independent of where the buffer was allocated (thread count included).
-        let ss = m.next_multiple_of(16);
-        let skip = sc.s.as_ptr().align_offset(64).min(15);
-        let scores = &mut sc.s[skip..skip + ROWS * ss];
-        tiles::scores(isa, &sc.q, n, &sc.kt, d, m, scores, ss);
-        for r in 0..n {
-            softmax.run(&mut scores[r * ss..r * ss + m])?;
+        let scores = &mut sc.s[..ROWS * m];
+        tiles::scores(isa, &sc.q, n, &sc.kt, d, m, scores, m);
+        let mut sums = [0f32; ROWS];
+        for (r, sum) in sums.iter_mut().enumerate().take(n) {
+            *sum = softmax::exp_row(isa, &mut scores[r * m..(r + 1) * m]);
         }
-        tiles::values(isa, scores, ss, n, &sc.v, m, e, &mut sc.o);
-        for r in 0..n {
+        tiles::values(isa, scores, m, n, &sc.v, m, e, &mut sc.o);
+        for (r, sum) in sums.iter().enumerate().take(n) {
             let at = h * oh + (r0 + r) * or;
             assert!(e == 0 || at + (e - 1) * of < out_len);
             let row = &sc.o[r * e..(r + 1) * e];
             // SAFETY: in bounds (checked: the row's last value is); only this unit
             // writes head h's rows `rows`, and the output outlives `run_all`'s threads.
             unsafe {
-                if of == 1 {
-                    std::ptr::copy_nonoverlapping(row.as_ptr(), out.get().add(at), e);
-                } else {
-                    for (c, &x) in row.iter().enumerate() {
-                        out.get().add(at + c * of).write(x);
-                    }
+                for (c, &x) in row.iter().enumerate() {
+                    out.get().add(at + c * of).write(x / sum);
                 }
             }
         }
