@@ -10,7 +10,7 @@
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
 //!     [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off]
-//!     [--attention fused|off] [--pointwise fused|off]
+//!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -37,8 +37,9 @@
 //! give the direct convolutions another `Policy` (channel and width limits, tiles), to
 //! re-measure where they win; `--group-norm off` leaves tract's decomposition of each
 //! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
-//! `--attention off` likewise tract's attention (`esddpm::attention`), and
-//! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`).
+//! `--attention off` likewise tract's attention (`esddpm::attention`),
+//! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`), and
+//! `--winograd off` tract's large 3 × 3 convolutions (`esddpm::winograd`).
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -53,6 +54,7 @@ use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::{node_flops, OnnxModel};
 use esddpm::pointwise_conv::fuse_pointwise_convs_with;
 use esddpm::unet::Unet;
+use esddpm::winograd::use_winograd;
 use esddpm::{GenerateOptions, LoadOptions, ModelRole, Pipeline, SamplerChoice, Start};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -70,7 +72,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -472,6 +474,7 @@ fn profile(a: &Args) -> Res<Value> {
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
     // `--pointwise off`: esddpm's plan with tract's 1 × 1 convolutions.
+    // `--winograd off`: esddpm's plan with tract's large 3 × 3 convolutions.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
@@ -489,6 +492,11 @@ fn profile(a: &Args) -> Res<Value> {
         Some("off") => false,
         Some(_) => usage(),
     };
+    let winograd = match a.opts.get("winograd").map(String::as_str) {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(_) => usage(),
+    };
     let custom = [
         "direct-max-channels",
         "direct-min-width",
@@ -496,6 +504,7 @@ fn profile(a: &Args) -> Res<Value> {
         "group-norm",
         "attention",
         "pointwise",
+        "winograd",
     ]
     .iter()
     .any(|k| a.opts.contains_key(*k));
@@ -536,6 +545,9 @@ fn profile(a: &Args) -> Res<Value> {
                     use_direct_convs_with(&mut m, &policy)?;
                     if fuse_pointwise {
                         fuse_pointwise_convs_with(&mut m, &policy)?;
+                    }
+                    if winograd {
+                        use_winograd(&mut m)?;
                     }
                 }
                 m.optimize()?;

@@ -54,6 +54,35 @@ pub(crate) fn c_order_f32(x: &Tensor) -> TractResult<std::borrow::Cow<'_, [f32]>
     }
 }
 
+/// A convolution's bias per output channel into `into`: `own` where it is constant,
+/// else the op's second input (one value for every channel, or one per channel).
+pub(crate) fn bias_values(
+    own: Option<&[f32]>,
+    inputs: &[TValue],
+    cout: usize,
+    into: &mut Vec<f32>,
+) -> TractResult<()> {
+    into.clear();
+    match (own, inputs) {
+        (Some(bias), [_]) => into.extend_from_slice(bias),
+        (None, [_, bias]) => {
+            ensure!(
+                bias.datum_type() == f32::datum_type(),
+                "bias is {:?}",
+                bias.datum_type()
+            );
+            let values = bias.try_as_plain_ram()?.as_slice::<f32>()?;
+            match values.len() {
+                1 => into.resize(cout, values[0]),
+                n if n == cout => into.extend_from_slice(values),
+                n => bail!("{n} biases for {cout} output channels"),
+            }
+        }
+        _ => bail!("{} inputs to a convolution", inputs.len()),
+    }
+    Ok(())
+}
+
 /// Zeros before and after the scratch of a [`Tile::Rows2x8`] convolution, so that its
 /// shifted loads stay in the buffer.
 const ROWS_GUARD: usize = 16;
@@ -346,24 +375,12 @@ impl DirectConv {
     pub fn run(&self, scratch: &mut Scratch, inputs: &[TValue]) -> TractResult<Tensor> {
         let g = &self.geometry;
         let b = self.tile.channels();
-        scratch.bias.clear();
-        match (&self.bias, inputs) {
-            (Some(bias), [_]) => scratch.bias.extend_from_slice(bias),
-            (None, [_, bias]) => {
-                ensure!(
-                    bias.datum_type() == f32::datum_type(),
-                    "bias is {:?}",
-                    bias.datum_type()
-                );
-                let values = bias.try_as_plain_ram()?.as_slice::<f32>()?;
-                match values.len() {
-                    1 => scratch.bias.resize(g.cout, values[0]),
-                    n if n == g.cout => scratch.bias.extend_from_slice(values),
-                    n => bail!("{n} biases for {} output channels", g.cout),
-                }
-            }
-            _ => bail!("{} inputs to a direct convolution", inputs.len()),
-        }
+        bias_values(
+            self.bias.as_deref().map(|b| &b[..]),
+            inputs,
+            g.cout,
+            &mut scratch.bias,
+        )?;
         scratch.bias.resize(g.cout.div_ceil(b) * b, 0.0);
         let x = &*inputs[0];
         ensure!(
@@ -881,51 +898,7 @@ pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_values::{bits, values};
-    use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
-
-    /// One tract `Conv` of `x_shape` input with `cout` channels, `kernel` and
-    /// `pad` (before, after) on both axes, stride `stride`; its bias is a constant, or
-    /// with `bias_input` the model's second input (`[cout]`).
-    fn conv_model(
-        x_shape: [usize; 4],
-        cout: usize,
-        kernel: [usize; 2],
-        pad: (usize, usize),
-        stride: usize,
-        bias_input: bool,
-    ) -> TractResult<TypedModel> {
-        let cin = x_shape[1];
-        let mut model = TypedModel::default();
-        let x = model.add_source("x", f32::fact(x_shape))?;
-        let w = values(cout * cin * kernel[0] * kernel[1], 1);
-        let w = model.add_const(
-            "w",
-            Tensor::from_shape(&[cout, cin, kernel[0], kernel[1]], &w)?,
-        )?;
-        let b = if bias_input {
-            model.add_source("b", f32::fact([cout]))?
-        } else {
-            model.add_const("b", tensor1(&values(cout, 2)))?
-        };
-        let op = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NCHW,
-                kernel_shape: kernel.into_iter().collect(),
-                padding: PaddingSpec::Explicit(tvec![pad.0, pad.0], tvec![pad.1, pad.1]),
-                dilations: None,
-                strides: Some(tvec![stride, stride]),
-                input_channels: cin,
-                output_channels: cout,
-            },
-            kernel_fmt: KernelFormat::OIHW,
-            group: 1,
-            q_params: None,
-        };
-        let y = model.wire_node("conv", op, &[x, w, b])?;
-        model.select_output_outlets(&y)?;
-        Ok(model)
-    }
+    use crate::test_values::{bits, conv_model, values};
 
     /// Runs `model` optimised, with or without the direct convolutions; returns the
     /// output and how many were used.

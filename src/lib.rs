@@ -53,6 +53,7 @@ pub mod prior;
 pub mod rewrite;
 pub mod session;
 pub mod unet;
+pub mod winograd;
 
 #[cfg(test)]
 mod test_values;

@@ -5,7 +5,7 @@ use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::onnx_file::OnnxFile;
-use crate::{attention, codegen, direct_conv, group_norm, pointwise_conv, rewrite};
+use crate::{attention, codegen, direct_conv, group_norm, pointwise_conv, rewrite, winograd};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -480,6 +480,7 @@ impl OnnxModel {
             attention::fuse_attention(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
             pointwise_conv::fuse_pointwise_convs(&mut optimised)?;
+            winograd::use_winograd(&mut optimised)?;
             codegen::optimize(&mut optimised)?;
             rewrite::natural_const_strides(&mut optimised)?;
             optimised.into_runnable()
