@@ -58,13 +58,20 @@ pub const MIN_SIDE: usize = 8;
 /// The fewest input channels taken.
 pub const MIN_INPUT_CHANNELS: usize = 32;
 
-/// The filter transform's matrix `G` (module docs).
-const G: [[f32; 3]; 4] = [
-    [1.0, 0.0, 0.0],
-    [0.5, 0.5, 0.5],
-    [0.5, -0.5, 0.5],
-    [0.0, 0.0, 1.0],
-];
+/// `G g Gᵀ` of one 3 × 3 kernel `g` (row-major), row-major: `G`'s rows are `g₀`,
+/// `(g₀ + g₁ + g₂) / 2`, `(g₀ − g₁ + g₂) / 2` and `g₂` of what it multiplies (module
+/// docs).
+fn filter_transform(g: &[f32]) -> [f32; XI] {
+    let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    // G g, one column of g at a time.
+    let cols: [[f32; 4]; 3] = std::array::from_fn(|j| rows(g[j], g[3 + j], g[6 + j]));
+    // (G g) Gᵀ, one row of G g at a time.
+    let mut u = [0f32; XI];
+    for (i, out) in u.chunks_exact_mut(4).enumerate() {
+        out.copy_from_slice(&rows(cols[0][i], cols[1][i], cols[2][i]));
+    }
+    u
+}
 
 /// Whether this CPU runs the products' kernel (x86-64 with AVX2 and FMA).
 pub fn available() -> bool {
@@ -141,22 +148,10 @@ impl WinogradConv {
         }
         let blocks = cout.div_ceil(CO);
         let mut u = vec![0f32; XI * blocks * CO * cin];
-        for o in 0..cout {
-            for c in 0..cin {
-                let g = &weights[(o * cin + c) * 9..][..9];
-                // G g, then (G g) Gᵀ.
-                let mut gg = [[0f32; 3]; 4];
-                for (row, gi) in gg.iter_mut().zip(&G) {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = (0..3).map(|t| gi[t] * g[t * 3 + j]).sum();
-                    }
-                }
-                for (a, row) in gg.iter().enumerate() {
-                    for (b, gb) in G.iter().enumerate() {
-                        let xi = a * 4 + b;
-                        u[((xi * blocks + o / CO) * cin + c) * CO + o % CO] =
-                            (0..3).map(|t| row[t] * gb[t]).sum();
-                    }
+        for (o, per_output) in weights.chunks_exact(cin * 9).enumerate() {
+            for (c, g) in per_output.chunks_exact(9).enumerate() {
+                for (xi, value) in filter_transform(g).into_iter().enumerate() {
+                    u[((xi * blocks + o / CO) * cin + c) * CO + o % CO] = value;
                 }
             }
         }
@@ -176,9 +171,20 @@ impl WinogradConv {
     }
 
     /// Runs the convolution on the op's inputs: a batch `x` (`[n, cin, h, w]`, f32),
-    /// then the bias when it is not constant; `scratch` holds the transformed tiles
-    /// (grown once, then reused).
-    pub fn run(&self, scratch: &mut WinogradScratch, inputs: &[TValue]) -> TractResult<Tensor> {
+    /// then the bias when it is not constant, with this thread's buffers (one set per
+    /// thread, shared by every Winograd convolution run on it: they run one at a time,
+    /// so a plan holds the largest one's, not the sum of all of theirs).
+    pub fn run(&self, inputs: &[TValue]) -> TractResult<Tensor> {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => self.run_in(&mut scratch, inputs),
+            // Entered again on this thread while it runs one (a pool thread that took
+            // another plan's work while waiting): buffers of its own.
+            Err(_) => self.run_in(&mut WinogradScratch::default(), inputs),
+        })
+    }
+
+    /// [`Self::run`] with the buffers of `scratch` (grown as needed, then reused).
+    pub fn run_in(&self, scratch: &mut WinogradScratch, inputs: &[TValue]) -> TractResult<Tensor> {
         bias_values(
             self.bias.as_deref().map(|b| &b[..]),
             inputs,
@@ -272,34 +278,20 @@ impl WinogradConv {
     }
 }
 
-/// A [`WinogradConv`]'s buffers, kept between runs of a plan's state: the transformed
-/// input `V` (`[cin][ξ][tiles]`), the products `M` (`[ξ][cout][tiles]`), the bias,
-/// and each thread part's rows for the input transform.
+thread_local! {
+    /// This thread's buffers for [`WinogradConv::run`].
+    static SCRATCH: std::cell::RefCell<WinogradScratch> = std::cell::RefCell::default();
+}
+
+/// A [`WinogradConv`]'s buffers: the transformed input `V` (`[cin][ξ][tiles]`), the
+/// products `M` (`[ξ][cout][tiles]`), the bias, and each thread part's room for the
+/// input transform's rows and the products' panels.
 #[derive(Debug, Clone, Default)]
 pub struct WinogradScratch {
     v: Vec<f32>,
     m: Vec<f32>,
     bias: Vec<f32>,
     rows: Vec<Vec<f32>>,
-}
-
-impl OpState for WinogradScratch {
-    fn eval(
-        &mut self,
-        _ctx: &EvalContext,
-        op: &dyn Op,
-        inputs: TVec<TValue>,
-    ) -> TractResult<TVec<TValue>> {
-        let op = op
-            .downcast_ref::<WinogradConv>()
-            .context("Winograd convolution state on another op")?;
-        Ok(tvec!(op.run(self, &inputs)?.into_tvalue()))
-    }
-
-    fn reset_lanes(&mut self, _lanes: &[LaneId]) -> TractResult<()> {
-        // Nothing carries from one run to the next.
-        Ok(())
-    }
 }
 
 impl Op for WinogradConv {
@@ -318,13 +310,12 @@ impl Op for WinogradConv {
 }
 
 impl EvalOp for WinogradConv {
-    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        let mut scratch = WinogradScratch::default();
-        Ok(Some(tvec!(self.run(&mut scratch, &inputs)?.into_tvalue())))
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(tvec!(self.run(&inputs)?.into_tvalue()))
     }
 
-    fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
-        Ok(Some(Box::<WinogradScratch>::default()))
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(Some(tvec!(self.run(&inputs)?.into_tvalue())))
     }
 }
 
@@ -786,6 +777,54 @@ mod tests {
         }
     }
 
+    /// `G g Gᵀ` by the matrix products of its definition, in f64.
+    #[test]
+    fn the_filter_transform_is_g_g_gt() {
+        let gm = [
+            [1.0, 0.0, 0.0],
+            [0.5, 0.5, 0.5],
+            [0.5, -0.5, 0.5],
+            [0.0, 0.0, 1.0f64],
+        ];
+        let g = values(9, 11);
+        let u = filter_transform(&g);
+        for a in 0..4 {
+            for b in 0..4 {
+                let want: f64 = (0..3)
+                    .flat_map(|i| (0..3).map(move |j| (i, j)))
+                    .map(|(i, j)| gm[a][i] * f64::from(g[i * 3 + j]) * gm[b][j])
+                    .sum();
+                assert!((f64::from(u[a * 4 + b]) - want).abs() < 1e-6, "{a} {b}");
+            }
+        }
+    }
+
+    /// Two Winograd convolutions of other sizes in a row share this thread's buffers.
+    #[test]
+    fn consecutive_convolutions_share_the_buffers() {
+        let x_shape = [1, 32, 16, 16];
+        let mut model = conv_model(x_shape, 48, [3, 3], (1, 1), 1, false).unwrap();
+        let first = model.output_outlets().unwrap()[0];
+        let w = model
+            .add_const(
+                "w2",
+                Tensor::from_shape(&[40, 48, 3, 3], &values(40 * 48 * 9, 5)).unwrap(),
+            )
+            .unwrap();
+        let b = model.add_const("b2", tensor1(&values(40, 6))).unwrap();
+        let mut op = model.node(first.node).op_as::<Conv>().unwrap().clone();
+        op.pool_spec.input_channels = 48;
+        op.pool_spec.output_channels = 40;
+        let y = model.wire_node("conv2", op, &[first, w, b]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let ins = inputs(x_shape, 48, false);
+        let (want, _) = run(&model, false, &ins);
+        let (got, replaced) = run(&model, true, &ins);
+        assert_eq!(replaced, 2 * usize::from(available()));
+        let (d, scale) = diff(&got, &want);
+        assert!(d <= 1e-5 * scale, "{d} of {scale}");
+    }
+
     #[test]
     fn leaves_other_convolutions_to_tract() {
         for (x_shape, cout, kernel, pad, stride) in [
@@ -856,18 +895,14 @@ mod tests {
         );
         let op = WinogradConv::new(32, 8, [8, 8], &w, Some(&[1.0; 8])).unwrap();
         let wrong = Tensor::zero::<f32>(&[1, 31, 8, 8]).unwrap().into_tvalue();
-        assert!(op.run(&mut WinogradScratch::default(), &[wrong]).is_err());
+        assert!(op.run(&[wrong]).is_err());
         let x = Tensor::zero::<f32>(&[1, 32, 8, 8]).unwrap().into_tvalue();
         let dynamic = WinogradConv::new(32, 8, [8, 8], &w, None).unwrap();
-        let mut sc = WinogradScratch::default();
-        assert!(
-            dynamic.run(&mut sc, std::slice::from_ref(&x)).is_err(),
-            "no bias"
-        );
+        assert!(dynamic.run(std::slice::from_ref(&x)).is_err(), "no bias");
         let five = tensor1(&[0f32; 5]).into_tvalue();
-        assert!(dynamic.run(&mut sc, &[x.clone(), five]).is_err());
+        assert!(dynamic.run(&[x.clone(), five]).is_err());
         let one = tensor1(&[2f32]).into_tvalue();
-        let y = dynamic.run(&mut sc, &[x, one]).unwrap();
+        let y = dynamic.run(&[x, one]).unwrap();
         let y = y.try_as_plain_ram().unwrap();
         assert!(y.as_slice::<f32>().unwrap().iter().all(|&v| v == 2.0));
     }
