@@ -33,12 +33,19 @@
 //! differs from tract's by the transforms' rounding (tested within 1e-5 of the
 //! outputs' scale).
 //!
-//! [`use_winograd`] swaps it in at load time for what measured faster than tract's
-//! convolution: f32, NCHW, one group, a 3 × 3 kernel, stride and dilation 1, one zero
-//! row and column of padding on every side, an even output of 8 × 8 or more, 32 input
-//! channels or more, constant weights, a constant bias or one given at run time, on an
-//! x86-64 CPU with AVX2 and FMA. It runs after [`crate::direct_conv::use_direct_convs`],
-//! which keeps the small convolutions it runs faster.
+//! [`use_winograd`] swaps it in at load time: f32, NCHW, one group, a 3 × 3 kernel,
+//! stride and dilation 1, one zero row and column of padding on every side, an even
+//! output of [`MIN_PIXELS`] (32 × 32) or more, 32 input channels or more, constant
+//! weights, a constant bias or one given at run time, on an x86-64 CPU with AVX2 and
+//! FMA. It runs after [`crate::direct_conv::use_direct_convs`], which keeps the small
+//! convolutions it runs faster.
+//!
+//! The transformed weights `U` take 16/9 of the kernel's memory. The pixel floor spends
+//! that where a weight does the most work: on the cifar-size U-Net the 32 × 32
+//! convolutions hold 11 MB of its 143 MB of weights and half of its multiply-adds.
+//! Taking its 16 × 16 and 8 × 8 ones too was measured faster still (its forward 0.65x
+//! of tract's instead of ~0.8x) but raised the peak memory from 1.34x to 1.9x the
+//! weights (`docs/PERFORMANCE.md`, lever 18).
 
 use crate::direct_conv::{bias_values, c_order_f32};
 use crate::op_threads;
@@ -53,8 +60,9 @@ const CO: usize = 6;
 const LANE: usize = 8;
 /// Positions of a 4 × 4 input block.
 const XI: usize = 16;
-/// The smallest output side taken (measured: tract's is faster below).
-pub const MIN_SIDE: usize = 8;
+/// The fewest output pixels taken (module docs: the memory the transformed weights
+/// add is spent where each weight is used most).
+pub const MIN_PIXELS: usize = 1024;
 /// The fewest input channels taken.
 pub const MIN_INPUT_CHANNELS: usize = 32;
 
@@ -658,7 +666,7 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
         .iter()
         .zip(side)
         .all(|(p, s)| p.pad_before == 1 && p.pad_after == 1 && p.convoluted == s);
-    if !same || side.iter().any(|&s| s < MIN_SIDE || !s.is_multiple_of(2)) {
+    if !same || side[0] * side[1] < MIN_PIXELS || side.iter().any(|&s| !s.is_multiple_of(2)) {
         return Ok(None);
     }
     let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
@@ -760,12 +768,13 @@ mod tests {
     fn matches_tract_on_the_shapes_it_takes() {
         for (x_shape, cout, bias_input) in [
             // The smallest taken; cifar's 32 × 32 one; a batch of 2 with channels off
-            // the 6-channel tile, 35 tiles (off the 8 lanes) and the bias an input; one
-            // output channel.
-            ([1, 32, 8, 8], 32, false),
+            // the 6-channel tile, 16 × 17 tiles (off the 16 of the products' tile and
+            // the 8 lanes of the output transform) and the bias an input; one output
+            // channel.
+            ([1, 32, 32, 32], 32, false),
             ([1, 128, 32, 32], 128, false),
-            ([2, 40, 10, 14], 70, true),
-            ([1, 64, 16, 16], 1, false),
+            ([2, 40, 32, 34], 70, true),
+            ([1, 64, 32, 32], 1, false),
         ] {
             let model = conv_model(x_shape, cout, [3, 3], (1, 1), 1, bias_input).unwrap();
             let ins = inputs(x_shape, cout, bias_input);
@@ -802,7 +811,7 @@ mod tests {
     /// Two Winograd convolutions of other sizes in a row share this thread's buffers.
     #[test]
     fn consecutive_convolutions_share_the_buffers() {
-        let x_shape = [1, 32, 16, 16];
+        let x_shape = [1, 32, 32, 32];
         let mut model = conv_model(x_shape, 48, [3, 3], (1, 1), 1, false).unwrap();
         let first = model.output_outlets().unwrap()[0];
         let w = model
@@ -828,12 +837,12 @@ mod tests {
     #[test]
     fn leaves_other_convolutions_to_tract() {
         for (x_shape, cout, kernel, pad, stride) in [
-            ([1, 32, 16, 16], 32, [3, 3], (1, 1), 2),
-            ([1, 32, 16, 16], 32, [3, 3], (0, 0), 1),
-            ([1, 32, 16, 16], 32, [1, 1], (0, 0), 1),
-            ([1, 16, 16, 16], 32, [3, 3], (1, 1), 1),
-            ([1, 32, 6, 6], 32, [3, 3], (1, 1), 1),
-            ([1, 32, 9, 10], 32, [3, 3], (1, 1), 1),
+            ([1, 32, 64, 64], 32, [3, 3], (1, 1), 2),
+            ([1, 32, 32, 32], 32, [3, 3], (0, 0), 1),
+            ([1, 32, 32, 32], 32, [1, 1], (0, 0), 1),
+            ([1, 16, 32, 32], 32, [3, 3], (1, 1), 1),
+            ([1, 32, 16, 16], 32, [3, 3], (1, 1), 1),
+            ([1, 32, 33, 34], 32, [3, 3], (1, 1), 1),
         ] {
             let mut model = conv_model(x_shape, cout, kernel, pad, stride, false).unwrap();
             assert_eq!(
@@ -846,7 +855,7 @@ mod tests {
 
     #[test]
     fn two_threads_give_the_bits_of_one() {
-        let x_shape = [1, 48, 16, 16];
+        let x_shape = [1, 48, 32, 32];
         let model = conv_model(x_shape, 50, [3, 3], (1, 1), 1, false).unwrap();
         let ins = inputs(x_shape, 50, false);
         let (alone, _) = run(&model, true, &ins);
@@ -860,7 +869,7 @@ mod tests {
 
     #[test]
     fn the_plan_cache_form_is_taken_alike() {
-        let x_shape = [1, 32, 8, 8];
+        let x_shape = [1, 32, 32, 32];
         let model = conv_model(x_shape, 40, [3, 3], (1, 1), 1, true).unwrap();
         let nnef = tract_nnef::nnef().with_onnx();
         let mut tar = vec![];
