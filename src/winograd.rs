@@ -383,8 +383,8 @@ mod kernels {
     fn input_any(x: &[f32], h: usize, w: usize, v: &mut [f32], tp: usize, rows: &mut Vec<f32>) {
         let tw = w / 2;
         // A padded row (w + 2), its even and odd columns (tw + 1 each), and the column
-        // transforms of a tile row's four input rows (4 × 4 × tw). Loops over zipped
-        // slices, which the compiler vectorises.
+        // transforms of a tile row's four input rows (4 × 4 × tw). The loops run over
+        // zipped slices: no bounds checks inside them.
         rows.resize(w + 2 + 2 * (tw + 1) + XI * tw, 0.0);
         let (padded, rest) = rows.split_at_mut(w + 2);
         let (even, rest) = rest.split_at_mut(tw + 1);
