@@ -546,8 +546,9 @@ mod tiles {
         values_generic::<true, VALS_AVX2>(p, ps, n, v, m, e, o)
     }
 
+    /// `a · b + c`, fused (one rounding) where `FMA`.
     #[inline(always)]
-    fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    pub(super) fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
         if FMA {
             a.mul_add(b, c)
         } else {

@@ -41,7 +41,7 @@
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PoolSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// The values of `x` (f32) in C order: borrowed when its strides are natural, else
@@ -807,6 +807,93 @@ impl TypedOp for DirectConv {
     }
 }
 
+/// A tract `Conv` node as esddpm's convolutions take it: one group, OIHW weights that
+/// are constant, an NCHW f32 input of a concrete 4-D shape, stride and dilation 1, an
+/// f32 bias (constant or given at run time).
+pub(crate) struct PlainConv<'a> {
+    /// The convolution's kernel, padding and channels.
+    pub spec: &'a PoolSpec,
+    /// The input's shape, `[n, cin, h, w]`.
+    pub shape: &'a [usize],
+    /// The weights, `[cout, cin, kh, kw]`.
+    pub kernel: &'a Tensor,
+    /// The bias as one value per output channel, where it is constant.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl PlainConv<'_> {
+    /// `node` as a plain convolution, or `None` where it is not one.
+    pub(crate) fn of<'a>(
+        model: &'a TypedModel,
+        node: &'a TypedNode,
+    ) -> TractResult<Option<PlainConv<'a>>> {
+        let Some(conv) = node.op_as::<Conv>() else {
+            return Ok(None);
+        };
+        let spec = &conv.pool_spec;
+        let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+        if conv.q_params.is_some()
+            || conv.group != 1
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || spec.data_format != DataFormat::NCHW
+            || spec.rank() != 2
+            || !ones(&spec.strides)
+            || !ones(&spec.dilations)
+        {
+            return Ok(None);
+        }
+        let facts = model.node_input_facts(node.id)?;
+        let (x, kernel, bias) = (facts[0], facts[1], facts[2]);
+        let Some(shape) = x.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let Some(kernel) = &kernel.konst else {
+            return Ok(None);
+        };
+        if x.datum_type != f32::datum_type()
+            || kernel.datum_type() != f32::datum_type()
+            || bias.datum_type != f32::datum_type()
+            || shape.len() != 4
+        {
+            return Ok(None);
+        }
+        let bias = match &bias.konst {
+            Some(b) if b.len() == 1 => Some(vec![c_order_f32(b)?[0]; spec.output_channels]),
+            Some(b) => Some(c_order_f32(b)?.into_owned()),
+            None => None,
+        };
+        Ok(Some(PlainConv {
+            spec,
+            shape,
+            kernel,
+            bias,
+        }))
+    }
+}
+
+/// Replaces each node of `model` for which `make` gives an op, the op taking the node's
+/// image and, where `make` says the bias is not constant, its bias; returns how many.
+pub(crate) fn replace_convs<O: TypedOp>(
+    model: &mut TypedModel,
+    mut make: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<(O, bool)>>,
+) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some((op, constant_bias)) = make(model, node)? else {
+            continue;
+        };
+        let inputs = if constant_bias {
+            &node.inputs[0..1]
+        } else {
+            &[node.inputs[0], node.inputs[2]][..]
+        };
+        TypedModelPatch::replace_single_op(model, node, inputs, op)?.apply(model)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
 /// The direct convolution for `node` (a tract `Conv` of `model`), or `None` where it
 /// does not apply (module docs).
 fn direct_for(
@@ -814,37 +901,14 @@ fn direct_for(
     node: &TypedNode,
     policy: &Policy,
 ) -> TractResult<Option<DirectConv>> {
-    let Some(conv) = node.op_as::<Conv>() else {
+    let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
-    let spec = &conv.pool_spec;
-    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || spec.rank() != 2
-        || !ones(&spec.strides)
-        || !ones(&spec.dilations)
-        || spec.kernel_shape.iter().product::<usize>() < 2
-    {
+    let spec = conv.spec;
+    if spec.kernel_shape.iter().product::<usize>() < 2 {
         return Ok(None);
     }
-    let facts = model.node_input_facts(node.id)?;
-    let (x, kernel, bias) = (facts[0], facts[1], facts[2]);
-    let Some(shape) = x.shape.as_concrete() else {
-        return Ok(None);
-    };
-    let Some(kernel) = &kernel.konst else {
-        return Ok(None);
-    };
-    if x.datum_type != f32::datum_type()
-        || kernel.datum_type() != f32::datum_type()
-        || bias.datum_type != f32::datum_type()
-        || shape.len() != 4
-    {
-        return Ok(None);
-    }
+    let shape = conv.shape;
     let padding = spec.computed_padding(&shape[2..]);
     let geometry = Geometry {
         cin: spec.input_channels,
@@ -857,16 +921,8 @@ fn direct_for(
     let Some(tile) = policy.tile_for(&geometry) else {
         return Ok(None);
     };
-    let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
-        Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
-    };
-    let weights = contiguous(kernel)?;
-    let bias = match &bias.konst {
-        Some(b) if b.len() == 1 => Some(vec![contiguous(b)?[0]; geometry.cout]),
-        Some(b) => Some(contiguous(b)?),
-        None => None,
-    };
-    DirectConv::new(geometry, tile, &weights, bias.as_deref()).map(Some)
+    let weights = c_order_f32(conv.kernel)?;
+    DirectConv::new(geometry, tile, &weights, conv.bias.as_deref()).map(Some)
 }
 
 /// Replaces every convolution of `model` (decluttered, before `optimize`) that the
@@ -878,21 +934,12 @@ pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
 
 /// [`use_direct_convs`] with another [`Policy`] (for measuring its limits).
 pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(op) = direct_for(model, node, policy)? else {
-            continue;
-        };
-        let inputs = if op.bias.is_some() {
-            &node.inputs[0..1]
-        } else {
-            &[node.inputs[0], node.inputs[2]][..]
-        };
-        TypedModelPatch::replace_single_op(model, node, inputs, op)?.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+    replace_convs(model, |model, node| {
+        Ok(direct_for(model, node, policy)?.map(|op| {
+            let constant_bias = op.bias.is_some();
+            (op, constant_bias)
+        }))
+    })
 }
 
 #[cfg(test)]

@@ -47,12 +47,10 @@
 //! of tract's instead of ~0.8x) but raised the peak memory from 1.34x to 1.9x the
 //! weights (`docs/PERFORMANCE.md`, lever 18).
 
-use crate::direct_conv::{bias_values, c_order_f32};
+use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Output channels per register tile of the products.
 const CO: usize = 6;
@@ -628,62 +626,32 @@ mod kernels {
 /// The Winograd convolution for `node` (a tract `Conv` of `model`), or `None` where it
 /// does not apply (module docs).
 fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<WinogradConv>> {
-    let Some(conv) = node.op_as::<Conv>() else {
+    let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
-    let spec = &conv.pool_spec;
-    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
-    if conv.q_params.is_some()
-        || conv.group != 1
-        || conv.kernel_fmt != KernelFormat::OIHW
-        || spec.data_format != DataFormat::NCHW
-        || spec.rank() != 2
-        || !ones(&spec.strides)
-        || !ones(&spec.dilations)
-        || spec.kernel_shape[..] != [3, 3]
-        || spec.input_channels < MIN_INPUT_CHANNELS
-    {
-        return Ok(None);
-    }
-    let facts = model.node_input_facts(node.id)?;
-    let (x, kernel, bias) = (facts[0], facts[1], facts[2]);
-    let Some(shape) = x.shape.as_concrete() else {
-        return Ok(None);
-    };
-    let Some(kernel) = &kernel.konst else {
-        return Ok(None);
-    };
-    if x.datum_type != f32::datum_type()
-        || kernel.datum_type() != f32::datum_type()
-        || bias.datum_type != f32::datum_type()
-        || shape.len() != 4
-    {
-        return Ok(None);
-    }
-    let side = [shape[2], shape[3]];
+    let spec = conv.spec;
+    let side = [conv.shape[2], conv.shape[3]];
     let padding = spec.computed_padding(&side);
     let same = padding
         .iter()
         .zip(side)
         .all(|(p, s)| p.pad_before == 1 && p.pad_after == 1 && p.convoluted == s);
-    if !same || side[0] * side[1] < MIN_PIXELS || side.iter().any(|&s| !s.is_multiple_of(2)) {
+    if spec.kernel_shape[..] != [3, 3]
+        || spec.input_channels < MIN_INPUT_CHANNELS
+        || !same
+        || side[0] * side[1] < MIN_PIXELS
+        || side.iter().any(|&s| !s.is_multiple_of(2))
+    {
         return Ok(None);
     }
-    let contiguous = |t: &Tensor| -> TractResult<Vec<f32>> {
-        Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
-    };
+    let weights = c_order_f32(conv.kernel)?;
     let cout = spec.output_channels;
-    let bias = match &bias.konst {
-        Some(b) if b.len() == 1 => Some(vec![contiguous(b)?[0]; cout]),
-        Some(b) => Some(contiguous(b)?),
-        None => None,
-    };
     WinogradConv::new(
         spec.input_channels,
         cout,
         side,
-        &contiguous(kernel)?,
-        bias.as_deref(),
+        &weights,
+        conv.bias.as_deref(),
     )
     .map(Some)
 }
@@ -695,27 +663,19 @@ pub fn use_winograd(model: &mut TypedModel) -> TractResult<usize> {
     if !available() {
         return Ok(0);
     }
-    let mut replaced = 0;
-    for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some(op) = winograd_for(model, node)? else {
-            continue;
-        };
-        let inputs = if op.bias.is_some() {
-            &node.inputs[0..1]
-        } else {
-            &[node.inputs[0], node.inputs[2]][..]
-        };
-        TypedModelPatch::replace_single_op(model, node, inputs, op)?.apply(model)?;
-        replaced += 1;
-    }
-    Ok(replaced)
+    replace_convs(model, |model, node| {
+        Ok(winograd_for(model, node)?.map(|op| {
+            let constant_bias = op.bias.is_some();
+            (op, constant_bias)
+        }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_values::{conv_model, values};
+    use tract_onnx::tract_core::ops::cnn::Conv;
 
     /// Runs `model` optimised, with or without the Winograd convolutions; returns the
     /// output and how many were used.

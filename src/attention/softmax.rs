@@ -25,7 +25,7 @@
 //! bits whatever the CPU's vector width, the row's alignment or the thread count.
 //! The generic path (no FMA) rounds its products separately.
 
-use super::tiles::Isa;
+use super::tiles::{fma, Isa};
 
 /// Lanes of the vectorised loops.
 const LANES: usize = 16;
@@ -123,15 +123,6 @@ fn add_lanes(mut v: [f32; LANES]) -> f32 {
         width /= 2;
     }
     v[0]
-}
-
-#[inline(always)]
-fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
-    if FMA {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
 }
 
 /// `exp(x)` for `x ≤ 0` (module docs); NaN stays NaN.
