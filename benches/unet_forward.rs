@@ -10,7 +10,7 @@
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
 //!     [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off]
-//!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off]
+//!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off|all]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -38,8 +38,10 @@
 //! re-measure where they win; `--group-norm off` leaves tract's decomposition of each
 //! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
 //! `--attention off` likewise tract's attention (`esddpm::attention`),
-//! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`), and
-//! `--winograd off` tract's large 3 × 3 convolutions (`esddpm::winograd`).
+//! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`),
+//! `--winograd off` tract's large 3 × 3 convolutions (`esddpm::winograd`), and
+//! `--winograd all` Winograd on every map of 8 × 8 or more, not only the default's
+//! 32 × 32 and larger (what the default leaves out for memory).
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -54,7 +56,7 @@ use esddpm::memory::DEFAULT_MEMORY_LIMIT;
 use esddpm::model::{node_flops, OnnxModel};
 use esddpm::pointwise_conv::fuse_pointwise_convs_with;
 use esddpm::unet::Unet;
-use esddpm::winograd::use_winograd;
+use esddpm::winograd::use_winograd_with;
 use esddpm::{GenerateOptions, LoadOptions, ModelRole, Pipeline, SamplerChoice, Start};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -72,7 +74,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -474,7 +476,8 @@ fn profile(a: &Args) -> Res<Value> {
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
     // `--pointwise off`: esddpm's plan with tract's 1 × 1 convolutions.
-    // `--winograd off`: esddpm's plan with tract's large 3 × 3 convolutions.
+    // `--winograd off`: esddpm's plan with tract's large 3 × 3 convolutions; `all`:
+    // Winograd on maps of 8 × 8 or more.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
@@ -493,8 +496,10 @@ fn profile(a: &Args) -> Res<Value> {
         Some(_) => usage(),
     };
     let winograd = match a.opts.get("winograd").map(String::as_str) {
-        None | Some("on") => true,
-        Some("off") => false,
+        None | Some("on") => Some(esddpm::winograd::MIN_PIXELS),
+        // Every map of 8 × 8 or more (4 × 4 measured no faster than tract).
+        Some("all") => Some(64),
+        Some("off") => None,
         Some(_) => usage(),
     };
     let custom = [
@@ -546,8 +551,8 @@ fn profile(a: &Args) -> Res<Value> {
                     if fuse_pointwise {
                         fuse_pointwise_convs_with(&mut m, &policy)?;
                     }
-                    if winograd {
-                        use_winograd(&mut m)?;
+                    if let Some(min_pixels) = winograd {
+                        use_winograd_with(&mut m, min_pixels)?;
                     }
                 }
                 m.optimize()?;

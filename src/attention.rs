@@ -13,10 +13,10 @@
 //! dispatches per head group. [`Attention`] computes it in one op, a few queries at a
 //! time: the scores of four queries against all keys (register tiles of 4 queries ×
 //! 64 keys with AVX-512, × 32 with AVX2), each row's exponentials `exp(s − max s)` and
-//! their sum (`src/attention/softmax.rs`, lever 17), then the four output rows (tiles of 4 × 32 values
-//! with AVX-512, 4 × 16 with AVX2: the tiles fit each one's registers, lever 13),
-//! divided by their row's sum. The scores never leave the cache. Heads and blocks of queries are split across
-//! esddpm's operator threads ([`crate::op_threads`]), each thread part with buffers
+//! their sum (`src/attention/softmax.rs`, lever 17), then the four output rows (tiles
+//! of 4 × 32 values with AVX-512, 4 × 16 with AVX2: the tiles fit each one's
+//! registers, lever 13), divided by their row's sum. The scores never leave the cache.
+//! Heads and blocks of queries are split across esddpm's operator threads ([`crate::op_threads`]), each thread part with buffers
 //! kept in the plan's state ([`AttentionScratch`]).
 //!
 //! [`fuse_attention`] finds `EinSum(q, k) → Softmax → EinSum(·, v)` in a decluttered

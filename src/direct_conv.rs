@@ -38,6 +38,7 @@
 //! The 16 × 8, two-row, 8 × 8 and 16 × 6 tiles are written in `std::arch` intrinsics:
 //! the compiler did not vectorise the generic loop for them (the 32 × 4 one it does).
 
+use crate::fusion::{same_bits, same_optional_bits};
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -304,11 +305,13 @@ pub struct DirectConv {
 /// (compared bit for bit, so that the relation is an equivalence, as tract needs).
 impl PartialEq for DirectConv {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.geometry == other.geometry
             && self.tile == other.tile
-            && bits(&self.weights) == bits(&other.weights)
-            && self.bias.as_deref().map(|b| bits(b)) == other.bias.as_deref().map(|b| bits(b))
+            && same_bits(&self.weights, &other.weights)
+            && same_optional_bits(
+                self.bias.as_deref().map(|b| &b[..]),
+                other.bias.as_deref().map(|b| &b[..]),
+            )
     }
 }
 

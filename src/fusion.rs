@@ -95,3 +95,18 @@ pub(crate) fn per_channel(konst: &Tensor, channels: usize, rank: usize) -> Optio
             .collect(),
     )
 }
+
+/// Whether `a` and `b` hold the same values bit for bit (so that an op's equality is
+/// an equivalence, as tract needs, NaNs included), without copying them.
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// [`same_bits`] of two optional value lists: both absent, or both present and equal.
+pub(crate) fn same_optional_bits(a: Option<&[f32]>, b: Option<&[f32]>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => same_bits(a, b),
+        _ => false,
+    }
+}

@@ -27,7 +27,7 @@
 //! `optimize`) and swaps it for the op. It matches only the exact pattern (constant γ
 //! and β per channel, or none), so anything else stays with tract.
 
-use crate::fusion::{bin_with_const, fuse_all, only_reader, per_channel, Fusion};
+use crate::fusion::{bin_with_const, fuse_all, only_reader, per_channel, same_bits, Fusion};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
@@ -55,12 +55,11 @@ pub struct GroupNorm {
 /// that the relation is an equivalence, as tract needs).
 impl PartialEq for GroupNorm {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         self.groups == other.groups
             && self.eps.to_bits() == other.eps.to_bits()
             && self.silu == other.silu
-            && bits(&self.gamma) == bits(&other.gamma)
-            && bits(&self.beta) == bits(&other.beta)
+            && same_bits(&self.gamma, &other.gamma)
+            && same_bits(&self.beta, &other.beta)
     }
 }
 

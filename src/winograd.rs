@@ -48,6 +48,7 @@
 //! weights (`docs/PERFORMANCE.md`, lever 18).
 
 use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
+use crate::fusion::{same_bits, same_optional_bits};
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -112,10 +113,12 @@ pub struct WinogradConv {
 /// bit for bit, so that the relation is an equivalence, as tract needs).
 impl PartialEq for WinogradConv {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         (self.cin, self.cout, self.side) == (other.cin, other.cout, other.side)
-            && bits(&self.u) == bits(&other.u)
-            && self.bias.as_deref().map(|b| bits(b)) == other.bias.as_deref().map(|b| bits(b))
+            && same_bits(&self.u, &other.u)
+            && same_optional_bits(
+                self.bias.as_deref().map(|b| &b[..]),
+                other.bias.as_deref().map(|b| &b[..]),
+            )
     }
 }
 
@@ -625,7 +628,11 @@ mod kernels {
 
 /// The Winograd convolution for `node` (a tract `Conv` of `model`), or `None` where it
 /// does not apply (module docs).
-fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<WinogradConv>> {
+fn winograd_for(
+    model: &TypedModel,
+    node: &TypedNode,
+    min_pixels: usize,
+) -> TractResult<Option<WinogradConv>> {
     let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
@@ -639,7 +646,7 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
     if spec.kernel_shape[..] != [3, 3]
         || spec.input_channels < MIN_INPUT_CHANNELS
         || !same
-        || side[0] * side[1] < MIN_PIXELS
+        || side[0] * side[1] < min_pixels
         || side.iter().any(|&s| !s.is_multiple_of(2))
     {
         return Ok(None);
@@ -657,14 +664,21 @@ fn winograd_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Wino
 }
 
 /// Replaces every convolution of `model` (decluttered, before `optimize`) that the
-/// Winograd kernel runs faster with a [`WinogradConv`] (module docs). Returns how many
-/// were replaced; none on a CPU without the kernel.
+/// Winograd kernel runs faster with a [`WinogradConv`] (module docs), on outputs of
+/// [`MIN_PIXELS`] or more. Returns how many were replaced; none on a CPU without the
+/// kernel.
 pub fn use_winograd(model: &mut TypedModel) -> TractResult<usize> {
+    use_winograd_with(model, MIN_PIXELS)
+}
+
+/// [`use_winograd`] with another floor of output pixels (for measuring the memory and
+/// time of taking smaller maps: `64` takes cifar's 16 × 16 and 8 × 8 maps too).
+pub fn use_winograd_with(model: &mut TypedModel, min_pixels: usize) -> TractResult<usize> {
     if !available() {
         return Ok(0);
     }
     replace_convs(model, |model, node| {
-        Ok(winograd_for(model, node)?.map(|op| {
+        Ok(winograd_for(model, node, min_pixels)?.map(|op| {
             let constant_bias = op.bias.is_some();
             (op, constant_bias)
         }))
@@ -811,6 +825,33 @@ mod tests {
                 "{x_shape:?} {kernel:?}"
             );
         }
+    }
+
+    /// A lower floor takes the smaller maps the default leaves (`--winograd all`).
+    #[test]
+    fn a_lower_floor_takes_smaller_maps() {
+        let x_shape = [1, 32, 8, 8];
+        let model = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
+        assert_eq!(use_winograd(&mut model.clone()).unwrap(), 0);
+        let mut low = model.clone();
+        assert_eq!(
+            use_winograd_with(&mut low, 0).unwrap(),
+            usize::from(available())
+        );
+        let ins = inputs(x_shape, 32, false);
+        let (want, _) = run(&model, false, &ins);
+        let plan = low.into_optimized().unwrap().into_runnable().unwrap();
+        let got = plan
+            .run(ins.iter().map(|t| t.clone().into_tvalue()).collect())
+            .unwrap();
+        let got = got[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        let (d, scale) = diff(&got, &want);
+        assert!(d <= 1e-5 * scale, "{d} of {scale}");
     }
 
     #[test]
