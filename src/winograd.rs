@@ -17,35 +17,37 @@
 //! ```
 //!
 //! with `g_oc` the 3 × 3 kernel from input channel `c` to output channel `o` and `d_c`
-//! the input block of channel `c`. So a convolution becomes three passes:
+//! the input block of channel `c`. So a convolution becomes:
 //!
 //! 1. the input transform `V_ξ[c][t] = (Bᵀ d_c,t B)_ξ` of every 2 × 2 tile `t` of the
-//!    output, for the 16 positions `ξ` of a 4 × 4 block;
-//! 2. 16 matrix products `M_ξ = U_ξ V_ξ`, `U_ξ[o][c] = (G g_oc Gᵀ)_ξ` transformed once
-//!    at load time: 16 multiply-adds per tile, output and input channel, where the
-//!    im2col product has 36, so 2.25x fewer;
-//! 3. the output transform `Y = Aᵀ M A + b` per tile and output channel.
+//!    output, for the 16 positions `ξ` of a 4 × 4 block, stored in panels of 16 tiles;
+//! 2. then, for a group of [`GROUP`] blocks of 6 output channels at a time:
+//!    - their filter transform `U_ξ[o][c] = (G g_oc Gᵀ)_ξ`,
+//!    - the 16 matrix products `M_ξ = U_ξ V_ξ`: 16 multiply-adds per tile, output and
+//!      input channel, where the im2col product has 36, so 2.25x fewer,
+//!    - the output transform `Y = Aᵀ M A + b` per tile and output channel.
+//!
+//! The op keeps only the kernels (rearranged by blocks), not `U`: `U` would take 16/9
+//! of their memory, which on the cifar-size U-Net raised the peak memory from 1.34x to
+//! 1.9x the weights when every map was taken (`docs/PERFORMANCE.md`, levers 18 and
+//! 19). Made per group, `U` costs 9 loads and 16 stores per kernel and stays in the L2
+//! cache while the products use it; at an 8 × 8 output, the smallest taken, that is
+//! still a fraction of the products' 16 × 16 multiply-adds per kernel.
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
 //! over the input channels in order with FMA from zero; the transforms are fixed sums.
-//! The result is the same bit for bit whatever the thread count (the passes are split
-//! by input channels, positions and output channels, each element computed alike); it
-//! differs from tract's by the transforms' rounding (tested within 1e-5 of the
-//! outputs' scale).
+//! The result is the same bit for bit whatever the thread count (the input transform
+//! is split by input channels, the rest by output channels, each element computed
+//! alike); it differs from tract's by the transforms' rounding (tested within 1e-5 of
+//! the outputs' scale).
 //!
 //! [`use_winograd`] swaps it in at load time: f32, NCHW, one group, a 3 × 3 kernel,
 //! stride and dilation 1, one zero row and column of padding on every side, an even
-//! output of [`MIN_PIXELS`] (32 × 32) or more, 32 input channels or more, constant
+//! output of [`MIN_PIXELS`] (8 × 8) or more, 32 input channels or more, constant
 //! weights, a constant bias or one given at run time, on an x86-64 CPU with AVX2 and
 //! FMA. It runs after [`crate::direct_conv::use_direct_convs`], which keeps the small
-//! convolutions it runs faster.
-//!
-//! The transformed weights `U` take 16/9 of the kernel's memory. The pixel floor spends
-//! that where a weight does the most work: on the cifar-size U-Net the 32 × 32
-//! convolutions hold 11 MB of its 143 MB of weights and half of its multiply-adds.
-//! Taking its 16 × 16 and 8 × 8 ones too was measured faster still (its forward 0.65x
-//! of tract's instead of ~0.8x) but raised the peak memory from 1.34x to 1.9x the
-//! weights (`docs/PERFORMANCE.md`, lever 18).
+//! convolutions it runs faster. Below 8 × 8 there are too few tiles per kernel: the
+//! 4 × 4 maps were measured no faster than tract's.
 
 use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
 use crate::fusion::{same_bits, same_optional_bits};
@@ -59,9 +61,8 @@ const CO: usize = 6;
 const LANE: usize = 8;
 /// Positions of a 4 × 4 input block.
 const XI: usize = 16;
-/// The fewest output pixels taken (module docs: the memory the transformed weights
-/// add is spent where each weight is used most).
-pub const MIN_PIXELS: usize = 1024;
+/// The fewest output pixels taken: 8 × 8 (module docs).
+pub const MIN_PIXELS: usize = 64;
 /// The fewest input channels taken.
 pub const MIN_INPUT_CHANNELS: usize = 32;
 
@@ -103,8 +104,9 @@ pub struct WinogradConv {
     pub cout: usize,
     /// Input (and output) height and width, both even.
     pub side: [usize; 2],
-    /// `U_ξ`, laid out `[ξ][⌈cout / 6⌉][cin][6]`, zero past `cout`.
-    u: Arc<Vec<f32>>,
+    /// The kernels by blocks of 6 output channels, laid out `[⌈cout / 6⌉][9][cin][6]`
+    /// (zero past `cout`): a block's `U` is transformed from them when it is needed.
+    g: Arc<Vec<f32>>,
     /// `None`: the bias is the op's second input.
     bias: Option<Arc<Vec<f32>>>,
 }
@@ -114,7 +116,7 @@ pub struct WinogradConv {
 impl PartialEq for WinogradConv {
     fn eq(&self, other: &Self) -> bool {
         (self.cin, self.cout, self.side) == (other.cin, other.cout, other.side)
-            && same_bits(&self.u, &other.u)
+            && same_bits(&self.g, &other.g)
             && same_optional_bits(
                 self.bias.as_deref().map(|b| &b[..]),
                 other.bias.as_deref().map(|b| &b[..]),
@@ -155,12 +157,12 @@ impl WinogradConv {
         if let Some(bias) = bias {
             ensure!(bias.len() == cout, "expected {cout} biases");
         }
-        let blocks = cout.div_ceil(CO);
-        let mut u = vec![0f32; XI * blocks * CO * cin];
+        let size = cin * CO + PAD;
+        let mut g = vec![0f32; cout.div_ceil(CO) * 9 * size];
         for (o, per_output) in weights.chunks_exact(cin * 9).enumerate() {
-            for (c, g) in per_output.chunks_exact(9).enumerate() {
-                for (xi, value) in filter_transform(g).into_iter().enumerate() {
-                    u[((xi * blocks + o / CO) * cin + c) * CO + o % CO] = value;
+            for (c, kernel) in per_output.chunks_exact(9).enumerate() {
+                for (j, &value) in kernel.iter().enumerate() {
+                    g[((o / CO) * 9 + j) * size + c * CO + o % CO] = value;
                 }
             }
         }
@@ -168,7 +170,7 @@ impl WinogradConv {
             cin,
             cout,
             side,
-            u: Arc::new(u),
+            g: Arc::new(g),
             bias: bias.map(|b| Arc::new(b.to_vec())),
         })
     }
@@ -230,60 +232,136 @@ impl WinogradConv {
         Ok(y)
     }
 
-    /// One image (`[cin, h, w]`) into `out` (`[cout, h, w]`), the three passes each
-    /// split across the threads [`op_threads`] has here.
+    /// One image (`[cin, h, w]`) into `out` (`[cout, h, w]`) in two passes, each split
+    /// across the threads [`op_threads`] has here: the input transform by blocks of
+    /// input channels, then the rest by blocks of output channels (module docs).
     fn run_image(&self, x: &[f32], out: &mut [f32], sc: &mut WinogradScratch) {
         let [h, w] = self.side;
-        let tiles = (h / 2) * (w / 2);
-        let tp = tiles.next_multiple_of(LANE);
-        let cout_p = self.cout.div_ceil(CO) * CO;
-        sc.v.resize(self.cin * XI * tp, 0.0);
-        sc.m.resize(XI * cout_p * tp, 0.0);
-        let parts = op_threads::threads().max(1);
-        if sc.rows.len() < parts {
-            sc.rows.resize_with(parts, Vec::new);
-        }
+        let tp = ((h / 2) * (w / 2)).next_multiple_of(LANE);
         let (cin, cout) = (self.cin, self.cout);
+        sc.v.resize(XI * cin * tp, 0.0);
+        let parts = op_threads::threads().max(1);
+        if sc.parts.len() < parts {
+            sc.parts.resize_with(parts, PartScratch::default);
+        }
 
-        // 1. The input transform, by blocks of input channels.
+        // 1. The input transform, by blocks of input channels, into V's panels.
         let per = cin.div_ceil(parts);
-        let work =
-            sc.v.chunks_mut(per * XI * tp)
-                .zip(x.chunks(per * h * w))
-                .zip(sc.rows.iter_mut());
-        op_threads::for_each(work, |((v, x), rows)| {
-            for (v, x) in v.chunks_exact_mut(XI * tp).zip(x.chunks_exact(h * w)) {
-                kernels::input(x, h, w, v, tp, rows);
+        let v = Panels::new(&mut sc.v, cin, tp);
+        let work = x.chunks(per * h * w).zip(sc.parts.iter_mut()).enumerate();
+        op_threads::for_each(work, |(p, (x, part))| {
+            for (k, x) in x.chunks_exact(h * w).enumerate() {
+                part.v.resize(XI * tp, 0.0);
+                kernels::input(x, h, w, &mut part.v, tp, &mut part.rows);
+                // SAFETY: each part writes only its own input channels' values.
+                unsafe { v.store(p * per + k, &part.v) };
             }
         });
 
-        // 2. The 16 products, by blocks of positions.
-        let per = XI.div_ceil(parts);
-        let (u, v) = (&self.u[..], &sc.v[..]);
-        let work =
-            sc.m.chunks_mut(per * cout_p * tp)
-                .zip(sc.rows.iter_mut())
-                .enumerate();
-        op_threads::for_each(work, |(p, (m, panel))| {
-            for (k, m) in m.chunks_exact_mut(cout_p * tp).enumerate() {
-                let xi = p * per + k;
-                let u = &u[xi * cout_p * cin..][..cout_p * cin];
-                kernels::product(u, v, xi, m, cout_p, cin, tp, panel);
-            }
-        });
-
-        // 3. The output transform and the bias, by blocks of output channels.
-        let per = cout.div_ceil(parts);
-        let (m, bias) = (&sc.m[..], &sc.bias[..]);
+        // 2. By blocks of output channels: their U, the products and the output
+        //    transform.
+        let per = cout.div_ceil(CO).div_ceil(parts) * CO;
+        let (v, bias) = (&sc.v[..], &sc.bias[..]);
         let work = out
             .chunks_mut(per * h * w)
-            .zip(bias.chunks(per))
+            .zip(sc.parts.iter_mut())
             .enumerate();
-        op_threads::for_each(work, |(p, (out, bias))| {
-            for (k, (out, &b)) in out.chunks_exact_mut(h * w).zip(bias).enumerate() {
-                kernels::output(m, p * per + k, cout_p, tp, h, w, b, out);
+        op_threads::for_each(work, |(p, (out, part))| {
+            let first = p * per / CO;
+            for (k, out) in out.chunks_mut(GROUP * CO * h * w).enumerate() {
+                let block = first + k * GROUP;
+                let channels = out.len() / (h * w);
+                self.run_group(block, channels, v, tp, &bias[block * CO..], out, part);
             }
         });
+    }
+
+    /// Output channels `6 · block ..` (`channels` of them, at most [`GROUP`] blocks) of
+    /// one image into `out`, from `v` (all of V, in panels): `U` of the group's blocks,
+    /// the 16 products `M_ξ = U_ξ V_ξ` for them, and the output transform plus `bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_group(
+        &self,
+        block: usize,
+        channels: usize,
+        v: &[f32],
+        tp: usize,
+        bias: &[f32],
+        out: &mut [f32],
+        part: &mut PartScratch,
+    ) {
+        let [h, w] = self.side;
+        let cin = self.cin;
+        let blocks = channels.div_ceil(CO);
+        let size = cin * CO;
+        let stride = blocks * size + PAD;
+        part.u.resize(XI * stride, 0.0);
+        part.m.resize(blocks * CO * XI * tp, 0.0);
+        for b in 0..blocks {
+            let g = &self.g[(block + b) * 9 * (size + PAD)..][..9 * (size + PAD)];
+            kernels::filters(g, size, &mut part.u[b * size..], stride);
+        }
+        for xi in 0..XI {
+            let u = &part.u[xi * stride..][..blocks * size];
+            kernels::product(u, &v[xi * cin * tp..][..cin * tp], xi, &mut part.m, cin, tp);
+        }
+        for (o, out) in out.chunks_exact_mut(h * w).enumerate() {
+            let m = &part.m[o * XI * tp..][..XI * tp];
+            kernels::output(m, tp, h, w, bias[o], out);
+        }
+    }
+}
+
+/// Blocks of output channels whose `U` is made at once: the products reuse each panel
+/// of `V` for all of them while it is in the L1 cache, and the group's `U` and `M` stay
+/// small (at cin = 256 and a 32 × 32 output: 393 KB and 393 KB).
+const GROUP: usize = 4;
+
+/// Floats of padding after each row of the kernels and of a group's `U`: their rows
+/// are a multiple of 4 KiB apart at common channel counts, which maps the filter
+/// transform's 25 streams onto the same cache sets.
+const PAD: usize = 16;
+
+/// V (`[ξ][tp / 16][cin][16]`: for each position, the tiles in panels of 16, the last
+/// 8 wide where `tp` is not a multiple of 16) shared by the input transform's parts.
+struct Panels {
+    base: *mut f32,
+    cin: usize,
+    tp: usize,
+}
+
+// SAFETY: the parts that share it write disjoint input channels ([`Panels::store`]).
+unsafe impl Send for Panels {}
+unsafe impl Sync for Panels {}
+
+impl Panels {
+    fn new(v: &mut [f32], cin: usize, tp: usize) -> Self {
+        assert!(v.len() >= XI * cin * tp && tp.is_multiple_of(LANE));
+        Panels {
+            base: v.as_mut_ptr(),
+            cin,
+            tp,
+        }
+    }
+
+    /// Stores input channel `c`'s transform (`[ξ][tp]`) into its rows of the panels.
+    ///
+    /// # Safety
+    /// No other thread may store the same channel meanwhile, nor read V.
+    unsafe fn store(&self, c: usize, values: &[f32]) {
+        let (cin, tp) = (self.cin, self.tp);
+        assert!(c < cin && values.len() >= XI * tp);
+        for (xi, values) in values.chunks_exact(tp).take(XI).enumerate() {
+            let mut t0 = 0;
+            while t0 < tp {
+                let width = (tp - t0).min(2 * LANE);
+                let at = xi * cin * tp + cin * t0 + c * width;
+                // SAFETY: `at + width <= XI · cin · tp`, the length checked in `new`.
+                let row = std::slice::from_raw_parts_mut(self.base.add(at), width);
+                row.copy_from_slice(&values[t0..t0 + width]);
+                t0 += width;
+            }
+        }
     }
 }
 
@@ -292,15 +370,23 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<WinogradScratch> = std::cell::RefCell::default();
 }
 
-/// A [`WinogradConv`]'s buffers: the transformed input `V` (`[cin][ξ][tiles]`), the
-/// products `M` (`[ξ][cout][tiles]`), the bias, and each thread part's room for the
-/// input transform's rows and the products' panels.
+/// A [`WinogradConv`]'s buffers: the transformed input `V` in panels, the bias, and
+/// each thread part's own.
 #[derive(Debug, Clone, Default)]
 pub struct WinogradScratch {
     v: Vec<f32>,
-    m: Vec<f32>,
     bias: Vec<f32>,
-    rows: Vec<Vec<f32>>,
+    parts: Vec<PartScratch>,
+}
+
+/// One thread part's buffers: the input transform's rows and one channel's `V`, and a
+/// group's `U` (`[ξ][blocks][cin][6]`) and products `M` (`[channel][ξ][tp]`).
+#[derive(Debug, Clone, Default)]
+struct PartScratch {
+    rows: Vec<f32>,
+    v: Vec<f32>,
+    u: Vec<f32>,
+    m: Vec<f32>,
 }
 
 impl Op for WinogradConv {
@@ -450,39 +536,47 @@ mod kernels {
         }
     }
 
-    /// `M_ξ = U_ξ V_ξ`: `u` is `U_ξ` (`[cout_p / 6][cin][6]`), `v` all of `V`
-    /// (`[cin][ξ][tp]`), `m` receives `M_ξ` (`[cout_p][tp]`); `panel` is room for 16
-    /// tiles of `V_ξ` packed contiguously (the kernel's reads of `V` from its layout
-    /// would be a power-of-two stride apart, which the caches alias).
-    #[allow(clippy::too_many_arguments)]
-    pub fn product(
-        u: &[f32],
-        v: &[f32],
-        xi: usize,
-        m: &mut [f32],
-        cout_p: usize,
-        cin: usize,
-        tp: usize,
-        panel: &mut Vec<f32>,
-    ) {
-        assert!(u.len() == cout_p * cin && m.len() == cout_p * tp && v.len() == cin * XI * tp);
-        assert!(xi < XI && cout_p.is_multiple_of(CO) && tp.is_multiple_of(LANE));
-        panel.resize(cin * 2 * LANE, 0.0);
+    /// `U` of one block of 6 output channels: `g` is its kernels (`[9][n]`, `n = cin ·
+    /// 6`), and position ξ goes to `u[ξ · stride..][..n]` (`G g Gᵀ` as
+    /// [`super::filter_transform`] computes it: same operations, same order, same bits).
+    pub fn filters(g: &[f32], n: usize, u: &mut [f32], stride: usize) {
+        let gs = g.len() / 9;
+        assert!(g.len() == 9 * gs && n <= gs && n <= stride && u.len() >= (XI - 1) * stride + n);
+        // SAFETY: the op exists only where `super::available` found the features; the
+        // sizes were just checked.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::filters(g, gs, n, u, stride)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no Winograd kernel off x86-64")
+    }
+
+    /// `M_ξ = U_ξ V_ξ` for a group of blocks of output channels: `u` is their `U_ξ`
+    /// (`[blocks][cin][6]`), `v` is `V_ξ` in panels (`[tp / 16][cin][16]`, the last 8
+    /// wide where `tp` is not a multiple of 16), and `m` the group's products
+    /// (`[channel][ξ][tp]`), written at position `xi`. Each panel is used for every
+    /// block while it is in the L1 cache.
+    pub fn product(u: &[f32], v: &[f32], xi: usize, m: &mut [f32], cin: usize, tp: usize) {
+        let blocks = u.len() / (cin * CO);
+        assert!(u.len() == blocks * cin * CO && v.len() == cin * tp);
+        assert!(xi < XI && tp.is_multiple_of(LANE) && m.len() >= blocks * CO * XI * tp);
         let mut t0 = 0;
         while t0 < tp {
-            let n = if tp - t0 >= 2 * LANE { 2 } else { 1 };
-            let width = n * LANE;
-            for (c, out) in panel.chunks_exact_mut(width).take(cin).enumerate() {
-                out.copy_from_slice(&v[(c * XI + xi) * tp + t0..][..width]);
-            }
-            // SAFETY: the op exists only where `super::available` found the features;
-            // the sizes were checked above.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                if n == 2 {
-                    x86::tile::<2>(u, panel, m, cout_p, cin, tp, t0)
-                } else {
-                    x86::tile::<1>(u, panel, m, cout_p, cin, tp, t0)
+            let width = (tp - t0).min(2 * LANE);
+            let panel = &v[cin * t0..][..cin * width];
+            for b in 0..blocks {
+                let u = &u[b * cin * CO..][..cin * CO];
+                let at = (b * CO * XI + xi) * tp + t0;
+                // SAFETY: the op exists only where `super::available` found the
+                // features; the sizes were checked above.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    if width == 2 * LANE {
+                        x86::tile::<2>(u, panel, m, cin, at, XI * tp)
+                    } else {
+                        x86::tile::<1>(u, panel, m, cin, at, XI * tp)
+                    }
                 }
             }
             t0 += width;
@@ -500,21 +594,12 @@ mod kernels {
         /// operations in the same order.
         #[target_feature(enable = "avx2,fma")]
         #[allow(clippy::too_many_arguments)]
-        pub unsafe fn output(
-            m: &[f32],
-            o: usize,
-            cout_p: usize,
-            tp: usize,
-            h: usize,
-            w: usize,
-            bias: f32,
-            out: &mut [f32],
-        ) {
+        pub unsafe fn output(m: &[f32], tp: usize, h: usize, w: usize, bias: f32, out: &mut [f32]) {
             let tw = w / 2;
-            let xs = cout_p * tp;
+            let xs = tp;
             let b = _mm256_set1_ps(bias);
             for ty in 0..h / 2 {
-                let base = m.as_ptr().add(o * tp + ty * tw);
+                let base = m.as_ptr().add(ty * tw);
                 let top = out.as_mut_ptr().add(2 * ty * w);
                 let bottom = top.add(w);
                 let mut tx = 0;
@@ -560,66 +645,89 @@ mod kernels {
             }
         }
 
-        /// Tiles `t0..t0 + 8N` of every output channel from `panel` (their `V_ξ`,
-        /// `[cin][8N]`): 6 channels × 8N tiles in registers, summed over the input
-        /// channels in order.
+        /// [`super::filters`]: 8 values at a time, the rest one by one.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn filters(g: &[f32], gs: usize, n: usize, u: &mut [f32], stride: usize) {
+            let half = _mm256_set1_ps(0.5);
+            // `G`'s rows applied to a, b, c (`super::super::filter_transform`).
+            let rows = |a: __m256, b: __m256, c: __m256| {
+                let sum = _mm256_mul_ps(half, _mm256_add_ps(_mm256_add_ps(a, b), c));
+                let diff = _mm256_mul_ps(half, _mm256_add_ps(_mm256_sub_ps(a, b), c));
+                [a, sum, diff, c]
+            };
+            let (gp, up) = (g.as_ptr(), u.as_mut_ptr());
+            let mut e = 0;
+            while e + LANE <= n {
+                let ld = |j: usize| _mm256_loadu_ps(gp.add(j * gs + e));
+                let [c0, c1, c2]: [[__m256; 4]; 3] =
+                    std::array::from_fn(|j| rows(ld(j), ld(3 + j), ld(6 + j)));
+                for (i, ((&a, &b), &c)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
+                    let row = rows(a, b, c);
+                    for (k, x) in row.into_iter().enumerate() {
+                        _mm256_storeu_ps(up.add((i * 4 + k) * stride + e), x);
+                    }
+                }
+                e += LANE;
+            }
+            for e in e..n {
+                let kernel: [f32; 9] = std::array::from_fn(|j| *gp.add(j * gs + e));
+                for (xi, x) in super::super::filter_transform(&kernel)
+                    .into_iter()
+                    .enumerate()
+                {
+                    *up.add(xi * stride + e) = x;
+                }
+            }
+        }
+
+        /// Tiles `t0..t0 + 8N` of one block of 6 output channels: `u` is their `U_ξ`
+        /// (`[cin][6]`), `panel` the tiles' `V_ξ` (`[cin][8N]`); 6 channels × 8N tiles
+        /// in registers, summed over the input channels in order, then stored at
+        /// `m[at + r · stride..]` for channel `r`.
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn tile<const N: usize>(
             u: &[f32],
             panel: &[f32],
             m: &mut [f32],
-            cout_p: usize,
             cin: usize,
-            tp: usize,
-            t0: usize,
+            at: usize,
+            stride: usize,
         ) {
-            for block in 0..cout_p / CO {
-                let ub = u.as_ptr().add(block * cin * CO);
-                let mut vp = panel.as_ptr();
-                let mut acc = [[_mm256_setzero_ps(); N]; CO];
-                for c in 0..cin {
-                    let mut vv = [_mm256_setzero_ps(); N];
-                    for (k, x) in vv.iter_mut().enumerate() {
-                        *x = _mm256_loadu_ps(vp.add(LANE * k));
-                    }
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let b = _mm256_broadcast_ss(&*ub.add(c * CO + r));
-                        for (a, x) in row.iter_mut().zip(&vv) {
-                            *a = _mm256_fmadd_ps(b, *x, *a);
-                        }
-                    }
-                    vp = vp.add(LANE * N);
+            let ub = u.as_ptr();
+            let mut vp = panel.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); N]; CO];
+            for c in 0..cin {
+                let mut vv = [_mm256_setzero_ps(); N];
+                for (k, x) in vv.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(vp.add(LANE * k));
                 }
-                for (r, row) in acc.iter().enumerate() {
-                    let out = m.as_mut_ptr().add((block * CO + r) * tp + t0);
-                    for (k, a) in row.iter().enumerate() {
-                        _mm256_storeu_ps(out.add(LANE * k), *a);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let b = _mm256_broadcast_ss(&*ub.add(c * CO + r));
+                    for (a, x) in row.iter_mut().zip(&vv) {
+                        *a = _mm256_fmadd_ps(b, *x, *a);
                     }
+                }
+                vp = vp.add(LANE * N);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let out = m.as_mut_ptr().add(at + r * stride);
+                for (k, a) in row.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(LANE * k), *a);
                 }
             }
         }
     }
 
-    /// The output transform of output channel `o` from `m` (`[ξ][cout_p][tp]`) into
-    /// `out` (`[h, w]`), plus `bias`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn output(
-        m: &[f32],
-        o: usize,
-        cout_p: usize,
-        tp: usize,
-        h: usize,
-        w: usize,
-        bias: f32,
-        out: &mut [f32],
-    ) {
-        assert!(m.len() >= XI * cout_p * tp && o < cout_p && out.len() >= h * w);
+    /// The output transform of one output channel from its `m` (`[ξ][tp]`) into `out`
+    /// (`[h, w]`), plus `bias`.
+    pub fn output(m: &[f32], tp: usize, h: usize, w: usize, bias: f32, out: &mut [f32]) {
+        assert!(m.len() >= XI * tp && out.len() >= h * w);
         assert!((h / 2) * (w / 2) <= tp && w.is_multiple_of(2));
         // SAFETY: the op exists only where `super::available` found the features; the
         // sizes were just checked.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::output(m, o, cout_p, tp, h, w, bias, out)
+            x86::output(m, tp, h, w, bias, out)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no Winograd kernel off x86-64")
@@ -671,8 +779,8 @@ pub fn use_winograd(model: &mut TypedModel) -> TractResult<usize> {
     use_winograd_with(model, MIN_PIXELS)
 }
 
-/// [`use_winograd`] with another floor of output pixels (for measuring the memory and
-/// time of taking smaller maps: `64` takes cifar's 16 × 16 and 8 × 8 maps too).
+/// [`use_winograd`] with another floor of output pixels (for measuring what the floor
+/// gains: `4` takes cifar's 4 × 4 and 2 × 2 maps too, `1024` only its 32 × 32 ones).
 pub fn use_winograd_with(model: &mut TypedModel, min_pixels: usize) -> TractResult<usize> {
     if !available() {
         return Ok(0);
@@ -741,13 +849,17 @@ mod tests {
     #[test]
     fn matches_tract_on_the_shapes_it_takes() {
         for (x_shape, cout, bias_input) in [
-            // The smallest taken; cifar's 32 × 32 one; a batch of 2 with channels off
-            // the 6-channel tile, 16 × 17 tiles (off the 16 of the products' tile and
-            // the 8 lanes of the output transform) and the bias an input; one output
-            // channel.
-            ([1, 32, 32, 32], 32, false),
+            // The smallest map and channel count taken; one of cifar's 32 × 32 ones and
+            // one of its 8 × 8 ones; a batch of 2 with channels off the 6-channel tile
+            // and the groups of 24, 16 × 17 tiles (off the 8 lanes of the output
+            // transform) and the bias an input; 4 × 6 tiles (a panel of 16 and one of
+            // 8) with 33 input channels (off the filter transform's 8 lanes); one
+            // output channel.
+            ([1, 32, 8, 8], 32, false),
             ([1, 128, 32, 32], 128, false),
+            ([1, 256, 8, 8], 256, false),
             ([2, 40, 32, 34], 70, true),
+            ([1, 33, 8, 12], 70, true),
             ([1, 64, 32, 32], 1, false),
         ] {
             let model = conv_model(x_shape, cout, [3, 3], (1, 1), 1, bias_input).unwrap();
@@ -815,7 +927,7 @@ mod tests {
             ([1, 32, 32, 32], 32, [3, 3], (0, 0), 1),
             ([1, 32, 32, 32], 32, [1, 1], (0, 0), 1),
             ([1, 16, 32, 32], 32, [3, 3], (1, 1), 1),
-            ([1, 32, 16, 16], 32, [3, 3], (1, 1), 1),
+            ([1, 32, 4, 4], 32, [3, 3], (1, 1), 1),
             ([1, 32, 33, 34], 32, [3, 3], (1, 1), 1),
         ] {
             let mut model = conv_model(x_shape, cout, kernel, pad, stride, false).unwrap();
@@ -830,7 +942,7 @@ mod tests {
     /// A lower floor takes the smaller maps the default leaves (`--winograd all`).
     #[test]
     fn a_lower_floor_takes_smaller_maps() {
-        let x_shape = [1, 32, 8, 8];
+        let x_shape = [1, 32, 4, 4];
         let model = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
         assert_eq!(use_winograd(&mut model.clone()).unwrap(), 0);
         let mut low = model.clone();
