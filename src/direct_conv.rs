@@ -874,18 +874,19 @@ impl PlainConv<'_> {
     }
 }
 
-/// Replaces each node of `model` for which `make` gives an op, the op taking the node's
-/// image and, where `make` says the bias is not constant, its bias; returns how many.
+/// Replaces each node of `model` for which `make` (given the model and the node's id)
+/// gives an op, the op taking the node's image and, where `make` says the bias is not
+/// constant, its bias; returns how many.
 pub(crate) fn replace_convs<O: TypedOp>(
     model: &mut TypedModel,
-    mut make: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<(O, bool)>>,
+    mut make: impl FnMut(&mut TypedModel, usize) -> TractResult<Option<(O, bool)>>,
 ) -> TractResult<usize> {
     let mut replaced = 0;
     for id in 0..model.nodes().len() {
-        let node = model.node(id);
-        let Some((op, constant_bias)) = make(model, node)? else {
+        let Some((op, constant_bias)) = make(model, id)? else {
             continue;
         };
+        let node = model.node(id);
         let inputs = if constant_bias {
             &node.inputs[0..1]
         } else {
@@ -937,8 +938,8 @@ pub fn use_direct_convs(model: &mut TypedModel) -> TractResult<usize> {
 
 /// [`use_direct_convs`] with another [`Policy`] (for measuring its limits).
 pub fn use_direct_convs_with(model: &mut TypedModel, policy: &Policy) -> TractResult<usize> {
-    replace_convs(model, |model, node| {
-        Ok(direct_for(model, node, policy)?.map(|op| {
+    replace_convs(model, |model, id| {
+        Ok(direct_for(model, model.node(id), policy)?.map(|op| {
             let constant_bias = op.bias.is_some();
             (op, constant_bias)
         }))

@@ -54,6 +54,7 @@ use crate::fusion::{same_bits, same_optional_bits};
 use crate::op_threads;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::konst::Const;
 
 /// Output channels per register tile of the products.
 const CO: usize = 6;
@@ -104,9 +105,11 @@ pub struct WinogradConv {
     pub cout: usize,
     /// Input (and output) height and width, both even.
     pub side: [usize; 2],
-    /// The kernels by blocks of 6 output channels, laid out `[⌈cout / 6⌉][9][cin][6]`
-    /// (zero past `cout`): a block's `U` is transformed from them when it is needed.
-    g: Arc<Vec<f32>>,
+    /// The kernels by blocks of 6 output channels: block `b` (output channels `6b ..
+    /// 6b + rows`, `rows` = 6 but in the last) laid out `[9][cin][rows]` where the OIHW
+    /// kernels had it `[rows][cin][9]`: in the same place, so that the kernels are
+    /// arranged in place ([`arrange`]). A block's `U` is made from them when needed.
+    g: Arc<Tensor>,
     /// `None`: the bias is the op's second input.
     bias: Option<Arc<Vec<f32>>>,
 }
@@ -116,7 +119,7 @@ pub struct WinogradConv {
 impl PartialEq for WinogradConv {
     fn eq(&self, other: &Self) -> bool {
         (self.cin, self.cout, self.side) == (other.cin, other.cout, other.side)
-            && same_bits(&self.g, &other.g)
+            && same_bits(self.kernels(), other.kernels())
             && same_optional_bits(
                 self.bias.as_deref().map(|b| &b[..]),
                 other.bias.as_deref().map(|b| &b[..]),
@@ -138,6 +141,24 @@ impl WinogradConv {
         bias: Option<&[f32]>,
     ) -> TractResult<Self> {
         ensure!(
+            weights.len() == cout * cin * 9,
+            "expected {} weights",
+            cout * cin * 9
+        );
+        let kernel = Tensor::from_shape(&[weights.len()], weights)?;
+        Self::from_kernel(cin, cout, side, Arc::new(kernel), bias)
+    }
+
+    /// [`Self::new`] from the OIHW `kernel` tensor, arranged in place where nothing else
+    /// holds it (else in a copy).
+    fn from_kernel(
+        cin: usize,
+        cout: usize,
+        side: [usize; 2],
+        mut kernel: Arc<Tensor>,
+        bias: Option<&[f32]>,
+    ) -> TractResult<Self> {
+        ensure!(
             available(),
             "the Winograd kernel needs x86-64 with AVX2 and FMA"
         );
@@ -150,29 +171,38 @@ impl WinogradConv {
             "a Winograd convolution needs an even output, not {side:?}"
         );
         ensure!(
-            weights.len() == cout * cin * 9,
-            "expected {} weights",
+            kernel.datum_type() == f32::datum_type() && kernel.len() == cout * cin * 9,
+            "expected {} f32 weights",
             cout * cin * 9
         );
         if let Some(bias) = bias {
             ensure!(bias.len() == cout, "expected {cout} biases");
         }
-        let size = cin * CO + PAD;
-        let mut g = vec![0f32; cout.div_ceil(CO) * 9 * size];
-        for (o, per_output) in weights.chunks_exact(cin * 9).enumerate() {
-            for (c, kernel) in per_output.chunks_exact(9).enumerate() {
-                for (j, &value) in kernel.iter().enumerate() {
-                    g[((o / CO) * 9 + j) * size + c * CO + o % CO] = value;
-                }
-            }
+        if kernel.strides() != &*Tensor::natural_strides(kernel.shape()) {
+            let values = c_order_f32(&kernel)?.into_owned();
+            kernel = Arc::new(Tensor::from_shape(&[values.len()], &values)?);
+        }
+        {
+            let kernel = Arc::make_mut(&mut kernel);
+            let mut view = kernel.try_as_plain_ram_mut()?;
+            arrange(view.as_slice_mut::<f32>()?, cin);
         }
         Ok(WinogradConv {
             cin,
             cout,
             side,
-            g: Arc::new(g),
+            g: kernel,
             bias: bias.map(|b| Arc::new(b.to_vec())),
         })
+    }
+
+    /// The kernels as [`arrange`] left them.
+    fn kernels(&self) -> &[f32] {
+        // `from_kernel` made them plain f32 memory in C order.
+        self.g
+            .try_as_plain_ram()
+            .and_then(|g| g.as_slice::<f32>())
+            .unwrap_or(&[])
     }
 
     /// Multiply-adds per image of the convolution it computes (`cout · h · w · cin ·
@@ -297,9 +327,12 @@ impl WinogradConv {
         let stride = blocks * size + PAD;
         part.u.resize(XI * stride, 0.0);
         part.m.resize(blocks * CO * XI * tp, 0.0);
+        let g = self.kernels();
         for b in 0..blocks {
-            let g = &self.g[(block + b) * 9 * (size + PAD)..][..9 * (size + PAD)];
-            kernels::filters(g, size, &mut part.u[b * size..], stride);
+            let first = (block + b) * CO;
+            let rows = (self.cout - first).min(CO);
+            let g = &g[first * cin * 9..][..rows * cin * 9];
+            kernels::filters(g, rows, cin, &mut part.u[b * size..], stride);
         }
         for xi in 0..XI {
             let u = &part.u[xi * stride..][..blocks * size];
@@ -317,10 +350,29 @@ impl WinogradConv {
 /// small (at cin = 256 and a 32 × 32 output: 393 KB and 393 KB).
 const GROUP: usize = 4;
 
-/// Floats of padding after each row of the kernels and of a group's `U`: their rows
-/// are a multiple of 4 KiB apart at common channel counts, which maps the filter
-/// transform's 25 streams onto the same cache sets.
+/// Floats of padding after each position's rows of a group's `U`: they would be a
+/// multiple of 4 KiB apart at common channel counts, which maps the filter
+/// transform's 16 streams of stores onto the same cache sets.
 const PAD: usize = 16;
+
+/// Arranges OIHW kernels (`[cout][cin][9]`) in place by blocks of 6 output channels:
+/// each block's `[rows][cin][9]` becomes `[9][cin][rows]` in the same place, so that
+/// the filter transform reads each of the 9 kernel positions as one run of `cin · 6`.
+fn arrange(g: &mut [f32], cin: usize) {
+    let mut block = Vec::with_capacity(CO * cin * 9);
+    for chunk in g.chunks_mut(CO * cin * 9) {
+        let rows = chunk.len() / (cin * 9);
+        block.clear();
+        block.extend_from_slice(chunk);
+        for (r, kernels) in block.chunks_exact(cin * 9).enumerate() {
+            for (c, kernel) in kernels.chunks_exact(9).enumerate() {
+                for (j, &value) in kernel.iter().enumerate() {
+                    chunk[(j * cin + c) * rows + r] = value;
+                }
+            }
+        }
+    }
+}
 
 /// V (`[ξ][tp / 16][cin][16]`: for each position, the tiles in panels of 16, the last
 /// 8 wide where `tp` is not a multiple of 16) shared by the input transform's parts.
@@ -536,17 +588,36 @@ mod kernels {
         }
     }
 
-    /// `U` of one block of 6 output channels: `g` is its kernels (`[9][n]`, `n = cin ·
-    /// 6`), and position ξ goes to `u[ξ · stride..][..n]` (`G g Gᵀ` as
-    /// [`super::filter_transform`] computes it: same operations, same order, same bits).
-    pub fn filters(g: &[f32], n: usize, u: &mut [f32], stride: usize) {
-        let gs = g.len() / 9;
-        assert!(g.len() == 9 * gs && n <= gs && n <= stride && u.len() >= (XI - 1) * stride + n);
+    /// `U` of one block of `rows` output channels: `g` is its kernels (`[9][cin][rows]`),
+    /// and position ξ goes to `u[ξ · stride..][..cin · 6]` as `[cin][6]`, zero past
+    /// `rows` (`G g Gᵀ` as [`super::filter_transform`] computes it: same operations,
+    /// same order, same bits).
+    pub fn filters(g: &[f32], rows: usize, cin: usize, u: &mut [f32], stride: usize) {
+        let n = cin * CO;
+        assert!((1..=CO).contains(&rows) && g.len() == 9 * cin * rows);
+        assert!(n <= stride && u.len() >= (XI - 1) * stride + n);
+        if rows < CO {
+            // The last block of a channel count off the 6: one kernel at a time.
+            for c in 0..cin {
+                for r in 0..CO {
+                    let values = if r < rows {
+                        let kernel: [f32; 9] = std::array::from_fn(|j| g[(j * cin + c) * rows + r]);
+                        super::filter_transform(&kernel)
+                    } else {
+                        [0.0; XI]
+                    };
+                    for (xi, x) in values.into_iter().enumerate() {
+                        u[xi * stride + c * CO + r] = x;
+                    }
+                }
+            }
+            return;
+        }
         // SAFETY: the op exists only where `super::available` found the features; the
         // sizes were just checked.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            x86::filters(g, gs, n, u, stride)
+            x86::filters(g, n, u, stride)
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no Winograd kernel off x86-64")
@@ -647,7 +718,7 @@ mod kernels {
 
         /// [`super::filters`]: 8 values at a time, the rest one by one.
         #[target_feature(enable = "avx2,fma")]
-        pub unsafe fn filters(g: &[f32], gs: usize, n: usize, u: &mut [f32], stride: usize) {
+        pub unsafe fn filters(g: &[f32], n: usize, u: &mut [f32], stride: usize) {
             let half = _mm256_set1_ps(0.5);
             // `G`'s rows applied to a, b, c (`super::super::filter_transform`).
             let rows = |a: __m256, b: __m256, c: __m256| {
@@ -658,7 +729,7 @@ mod kernels {
             let (gp, up) = (g.as_ptr(), u.as_mut_ptr());
             let mut e = 0;
             while e + LANE <= n {
-                let ld = |j: usize| _mm256_loadu_ps(gp.add(j * gs + e));
+                let ld = |j: usize| _mm256_loadu_ps(gp.add(j * n + e));
                 let [c0, c1, c2]: [[__m256; 4]; 3] =
                     std::array::from_fn(|j| rows(ld(j), ld(3 + j), ld(6 + j)));
                 for (i, ((&a, &b), &c)) in c0.iter().zip(&c1).zip(&c2).enumerate() {
@@ -670,7 +741,7 @@ mod kernels {
                 e += LANE;
             }
             for e in e..n {
-                let kernel: [f32; 9] = std::array::from_fn(|j| *gp.add(j * gs + e));
+                let kernel: [f32; 9] = std::array::from_fn(|j| *gp.add(j * n + e));
                 for (xi, x) in super::super::filter_transform(&kernel)
                     .into_iter()
                     .enumerate()
@@ -734,13 +805,15 @@ mod kernels {
     }
 }
 
-/// The Winograd convolution for `node` (a tract `Conv` of `model`), or `None` where it
-/// does not apply (module docs).
+/// The Winograd convolution for node `id` (a tract `Conv` of `model`), or `None` where
+/// it does not apply (module docs). Its kernel is taken out of `model` ([`take_kernel`])
+/// to be arranged in place.
 fn winograd_for(
-    model: &TypedModel,
-    node: &TypedNode,
+    model: &mut TypedModel,
+    id: usize,
     min_pixels: usize,
 ) -> TractResult<Option<WinogradConv>> {
+    let node = model.node(id);
     let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
@@ -759,16 +832,31 @@ fn winograd_for(
     {
         return Ok(None);
     }
-    let weights = c_order_f32(conv.kernel)?;
-    let cout = spec.output_channels;
-    WinogradConv::new(
-        spec.input_channels,
-        cout,
-        side,
-        &weights,
-        conv.bias.as_deref(),
-    )
-    .map(Some)
+    let (cin, cout, bias) = (spec.input_channels, spec.output_channels, conv.bias);
+    let kernel = take_kernel(model, node.inputs[1])?;
+    WinogradConv::from_kernel(cin, cout, side, kernel, bias.as_deref()).map(Some)
+}
+
+/// The kernel of the constant at `outlet`, taken out of `model` where the convolution
+/// about to be replaced is its only user: the constant is left an empty tensor, so
+/// that the kernel returned is the only reference to its memory and is arranged in
+/// place. Copying it instead, with tract freeing the replaced constants only at
+/// codegen, raised the peak memory at load by 26 MB on the cifar-size U-Net.
+fn take_kernel(model: &mut TypedModel, outlet: OutletId) -> TractResult<Arc<Tensor>> {
+    let kernel = model
+        .outlet_fact(outlet)?
+        .konst
+        .clone()
+        .context("a constant kernel")?;
+    let node = model.node(outlet.node);
+    if node.op_is::<Const>() && node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 {
+        let empty = Arc::new(Tensor::zero::<f32>(&[0])?);
+        let (op, fact) = (Const::new(empty.clone())?, TypedFact::try_from(empty)?);
+        let node = model.node_mut(outlet.node);
+        node.op = Box::new(op);
+        node.outputs[0].fact = fact;
+    }
+    Ok(kernel)
 }
 
 /// Replaces every convolution of `model` (decluttered, before `optimize`) that the
@@ -785,8 +873,8 @@ pub fn use_winograd_with(model: &mut TypedModel, min_pixels: usize) -> TractResu
     if !available() {
         return Ok(0);
     }
-    replace_convs(model, |model, node| {
-        Ok(winograd_for(model, node, min_pixels)?.map(|op| {
+    replace_convs(model, |model, id| {
+        Ok(winograd_for(model, id, min_pixels)?.map(|op| {
             let constant_bias = op.bias.is_some();
             (op, constant_bias)
         }))
