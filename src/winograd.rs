@@ -1008,6 +1008,47 @@ mod tests {
         assert!(d <= 1e-5 * scale, "{d} of {scale}");
     }
 
+    /// The kernel is arranged where the model's constant had it (no copy at load);
+    /// one shared by two convolutions is copied for each, and both give tract's output.
+    #[test]
+    fn kernels_are_arranged_in_place_unless_shared() {
+        if !available() {
+            return;
+        }
+        let x_shape = [1, 32, 8, 8];
+        let mut model = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
+        let conv = model.output_outlets().unwrap()[0].node;
+        let w = model.node(conv).inputs[1];
+        let original = model.outlet_fact(w).unwrap().konst.clone().unwrap();
+        let at = original
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .as_ptr();
+        drop(original);
+        // A second convolution of the first's output with the same kernel (a model of
+        // its own: a clone of `model` would share its kernel).
+        let mut shared = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
+        let op = shared.node(conv).op.clone();
+        let b = shared.node(conv).inputs[2];
+        let y = shared
+            .wire_node("conv2", op, &[OutletId::new(conv, 0), w, b])
+            .unwrap();
+        shared.select_output_outlets(&y).unwrap();
+
+        assert_eq!(use_winograd(&mut model).unwrap(), 1);
+        let ops: Vec<&WinogradConv> = model.nodes().iter().filter_map(|n| n.op_as()).collect();
+        assert_eq!(ops[0].kernels().as_ptr(), at, "the kernel was copied");
+
+        let ins = inputs(x_shape, 32, false);
+        let (want, _) = run(&shared, false, &ins);
+        let (got, replaced) = run(&shared, true, &ins);
+        assert_eq!(replaced, 2);
+        let (d, scale) = diff(&got, &want);
+        assert!(d <= 1e-5 * scale, "{d} of {scale}");
+    }
+
     #[test]
     fn leaves_other_convolutions_to_tract() {
         for (x_shape, cout, kernel, pad, stride) in [
