@@ -10,7 +10,7 @@
 //! cargo bench --bench unet_forward -- profile MODEL C H W BATCH REPS [--warmup N] [--t T]
 //!     [--rewrite off|strides|all] [--direct-max-channels N] [--direct-min-width N]
 //!     [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off]
-//!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off|all]
+//!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
 //! ```
@@ -39,9 +39,10 @@
 //! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
 //! `--attention off` likewise tract's attention (`esddpm::attention`),
 //! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`),
-//! `--winograd off` tract's large 3 × 3 convolutions (`esddpm::winograd`), and
-//! `--winograd all` Winograd on every map of 8 × 8 or more, not only the default's
-//! 32 × 32 and larger (what the default leaves out for memory).
+//! `--winograd off` tract's 3 × 3 convolutions of 8 × 8 maps or more
+//! (`esddpm::winograd`), `--winograd large` Winograd on the maps of 32 × 32 or more only
+//! (the default before the nineteenth lever), and `--winograd all` on every map, 4 × 4
+//! and 2 × 2 too.
 //!
 //! `e2e`: images per second of `Pipeline::generate` on a model folder: ES-DDPM from the
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
@@ -74,7 +75,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
     );
     std::process::exit(2)
@@ -476,8 +477,8 @@ fn profile(a: &Args) -> Res<Value> {
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
     // `--pointwise off`: esddpm's plan with tract's 1 × 1 convolutions.
-    // `--winograd off`: esddpm's plan with tract's large 3 × 3 convolutions; `all`:
-    // Winograd on maps of 8 × 8 or more.
+    // `--winograd off`: esddpm's plan with tract's 3 × 3 convolutions of 32+ input
+    // channels; `large`: Winograd on maps of 32 × 32 or more only; `all`: on every map.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {
@@ -497,8 +498,10 @@ fn profile(a: &Args) -> Res<Value> {
     };
     let winograd = match a.opts.get("winograd").map(String::as_str) {
         None | Some("on") => Some(esddpm::winograd::MIN_PIXELS),
-        // Every map of 8 × 8 or more (4 × 4 measured no faster than tract).
-        Some("all") => Some(64),
+        // Only maps of 32 × 32 or more (the default before the nineteenth lever).
+        Some("large") => Some(1024),
+        // Every map, 4 × 4 and 2 × 2 too.
+        Some("all") => Some(4),
         Some("off") => None,
         Some(_) => usage(),
     };
