@@ -1,5 +1,5 @@
 //! Winograd convolutions, F(2 × 2, 3 × 3), for the large 3 × 3 convolutions (issue 6,
-//! lever 18 in `docs/PERFORMANCE.md`).
+//! levers 18 and 19 in `docs/PERFORMANCE.md`).
 //!
 //! tract runs a 3 × 3 convolution as a matrix product over an im2col of its input: 9
 //! multiply-adds per output, input channel and output channel. Winograd's minimal
@@ -21,18 +21,19 @@
 //!
 //! 1. the input transform `V_ξ[c][t] = (Bᵀ d_c,t B)_ξ` of every 2 × 2 tile `t` of the
 //!    output, for the 16 positions `ξ` of a 4 × 4 block, stored in panels of 16 tiles;
-//! 2. then, for a group of [`GROUP`] blocks of 6 output channels at a time:
+//! 2. then, for a group of 4 blocks of 6 output channels at a time:
 //!    - their filter transform `U_ξ[o][c] = (G g_oc Gᵀ)_ξ`,
 //!    - the 16 matrix products `M_ξ = U_ξ V_ξ`: 16 multiply-adds per tile, output and
 //!      input channel, where the im2col product has 36, so 2.25x fewer,
 //!    - the output transform `Y = Aᵀ M A + b` per tile and output channel.
 //!
-//! The op keeps only the kernels (rearranged by blocks), not `U`: `U` would take 16/9
-//! of their memory, which on the cifar-size U-Net raised the peak memory from 1.34x to
-//! 1.9x the weights when every map was taken (`docs/PERFORMANCE.md`, levers 18 and
-//! 19). Made per group, `U` costs 9 loads and 16 stores per kernel and stays in the L2
-//! cache while the products use it; at an 8 × 8 output, the smallest taken, that is
-//! still a fraction of the products' 16 × 16 multiply-adds per kernel.
+//! The op keeps only the kernels, arranged in place by blocks (taken out of the model's
+//! constant, so without a copy), not `U`: `U` would take 16/9 of their memory, which on
+//! the cifar-size U-Net raised the peak memory from 1.34x to 1.9x the weights when every
+//! map was taken. Made per group, `U` costs 9 loads and 16 stores per kernel and stays
+//! in the L2 cache while the products use it. Measured on that U-Net against a stored
+//! `U`: the same time over its 33 Winograd convolutions, the 8 × 8 ones (16 tiles per
+//! kernel) ~1.2x slower, the largest 32 × 32 ones ~0.93x.
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
 //! over the input channels in order with FMA from zero; the transforms are fixed sums.
