@@ -376,24 +376,27 @@ fn arrange(g: &mut [f32], cin: usize) {
 }
 
 /// V (`[ξ][tp / 16][cin][16]`: for each position, the tiles in panels of 16, the last
-/// 8 wide where `tp` is not a multiple of 16) shared by the input transform's parts.
-struct Panels {
+/// 8 wide where `tp` is not a multiple of 16) shared by the input transform's parts,
+/// borrowed mutably for as long as it lives.
+struct Panels<'a> {
     base: *mut f32,
     cin: usize,
     tp: usize,
+    v: std::marker::PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: the parts that share it write disjoint input channels ([`Panels::store`]).
-unsafe impl Send for Panels {}
-unsafe impl Sync for Panels {}
+unsafe impl Send for Panels<'_> {}
+unsafe impl Sync for Panels<'_> {}
 
-impl Panels {
-    fn new(v: &mut [f32], cin: usize, tp: usize) -> Self {
+impl<'a> Panels<'a> {
+    fn new(v: &'a mut [f32], cin: usize, tp: usize) -> Self {
         assert!(v.len() >= XI * cin * tp && tp.is_multiple_of(LANE));
         Panels {
             base: v.as_mut_ptr(),
             cin,
             tp,
+            v: std::marker::PhantomData,
         }
     }
 
