@@ -12,9 +12,11 @@
 //! | a generation | the session's buffers (sample, model output, workspace, start image, mask, latents: `(9 N C H W + N D) * 4`) + the U-Net's and the prior's plans | before any of them is allocated |
 //!
 //! Not counted: tract's per-kernel scratch (packed operands, a few times one layer's
-//! activations), the allocator's overhead, and values tract folds while optimising a
-//! model (constant subgraphs); the limit is an estimate with that margin, not an
-//! allocator hook.
+//! activations), esddpm's own operators' per-thread buffers (the Winograd
+//! convolutions': the largest one's transformed input, 16 × cin × tiles floats, 6.3 MB
+//! on the cifar-size U-Net, and ~1.2 MB per thread besides), the allocator's
+//! overhead, and values tract folds while optimising a model (constant subgraphs); the
+//! limit is an estimate with that margin, not an allocator hook.
 
 use crate::error::{Error, Result};
 use std::collections::HashMap;
