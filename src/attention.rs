@@ -41,8 +41,10 @@ const KEYS: usize = 64;
 const VALS: usize = 32;
 /// Keys per score tile with AVX2 (16 vector registers, not AVX-512's 32: 4 × 24 keys
 /// are 12 accumulators of 8 lanes, with room for the loads).
+#[cfg(target_arch = "x86_64")]
 const KEYS_AVX2: usize = 32;
 /// Values per output tile with AVX2 (4 × 16 values: 8 accumulators).
+#[cfg(target_arch = "x86_64")]
 const VALS_AVX2: usize = 16;
 /// Queries per unit of work handed to a thread.
 const QUERY_BLOCK: usize = 64;
@@ -412,7 +414,9 @@ fn run_unit(
 /// the CPU has them (the same operations in the same order on every path, so the same
 /// bits), else generic.
 mod tiles {
-    use super::{KEYS, KEYS_AVX2, ROWS, VALS, VALS_AVX2};
+    use super::{KEYS, ROWS, VALS};
+    #[cfg(target_arch = "x86_64")]
+    use super::{KEYS_AVX2, VALS_AVX2};
 
     /// The kernels this CPU runs, detected once per evaluation ([`Isa::detect`]).
     #[derive(Debug, Clone, Copy)]
