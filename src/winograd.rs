@@ -846,7 +846,8 @@ fn winograd_for(
 }
 
 /// The kernel of the constant at `outlet`, taken out of `model` where the convolution
-/// about to be replaced is its only user: the constant is left an empty tensor, so
+/// about to be replaced is its only user (no other node, not an output of the model):
+/// the constant is left an empty tensor, so
 /// that the kernel returned is the only reference to its memory and is arranged in
 /// place. Copying it instead, with tract freeing the replaced constants only at
 /// codegen, raised the peak memory at load by 26 MB on the cifar-size U-Net.
@@ -857,7 +858,10 @@ fn take_kernel(model: &mut TypedModel, outlet: OutletId) -> TractResult<Arc<Tens
         .clone()
         .context("a constant kernel")?;
     let node = model.node(outlet.node);
-    if node.op_is::<Const>() && node.outputs.len() == 1 && node.outputs[0].successors.len() == 1 {
+    let only_user = node.outputs.len() == 1
+        && node.outputs[0].successors.len() == 1
+        && !model.output_outlets()?.contains(&outlet);
+    if node.op_is::<Const>() && only_user {
         let empty = Arc::new(Tensor::zero::<f32>(&[0])?);
         let (op, fact) = (Const::new(empty.clone())?, TypedFact::try_from(empty)?);
         let node = model.node_mut(outlet.node);
@@ -1017,7 +1021,8 @@ mod tests {
     }
 
     /// The kernel is arranged where the model's constant had it (no copy at load);
-    /// one shared by two convolutions, or by a clone of the model, is copied.
+    /// one shared by two convolutions, by a clone of the model or by the model's
+    /// outputs is copied.
     #[test]
     fn kernels_are_arranged_in_place_unless_shared() {
         if !available() {
@@ -1058,6 +1063,31 @@ mod tests {
         // `run` takes Winograd in a clone, which shares the model's kernels: the
         // model's own are left as they were.
         assert_eq!(bits(&run(&shared, false, &ins).0), bits(&want));
+
+        // A kernel that is also an output of the model stays one, unchanged.
+        let mut exposed = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
+        let y = exposed.output_outlets().unwrap()[0];
+        let w = exposed.node(y.node).inputs[1];
+        let kernel = exposed.outlet_fact(w).unwrap().konst.clone().unwrap();
+        let kernel = kernel
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        exposed.select_output_outlets(&[y, w]).unwrap();
+        assert_eq!(use_winograd(&mut exposed).unwrap(), 1);
+        let plan = exposed.into_optimized().unwrap().into_runnable().unwrap();
+        let outs = plan
+            .run(ins.iter().map(|t| t.clone().into_tvalue()).collect())
+            .unwrap();
+        let got = outs[1]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        assert_eq!(bits(&got), bits(&kernel));
     }
 
     #[test]
