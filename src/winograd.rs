@@ -899,6 +899,20 @@ mod tests {
     use crate::test_values::{conv_model, values};
     use tract_onnx::tract_core::ops::cnn::Conv;
 
+    /// Runs `model` optimised as it is; returns every output's values.
+    fn run_plan(model: TypedModel, inputs: &[Tensor]) -> Vec<Vec<f32>> {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        let outs = plan
+            .run(inputs.iter().map(|t| t.clone().into_tvalue()).collect())
+            .unwrap();
+        outs.iter()
+            .map(|y| {
+                let y = y.try_as_plain_ram().unwrap();
+                y.as_slice::<f32>().unwrap().to_vec()
+            })
+            .collect()
+    }
+
     /// Runs `model` optimised, with or without the Winograd convolutions; returns the
     /// output and how many were used.
     fn run(model: &TypedModel, winograd: bool, inputs: &[Tensor]) -> (Vec<f32>, usize) {
@@ -908,18 +922,7 @@ mod tests {
         } else {
             0
         };
-        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-        let y = plan
-            .run(inputs.iter().map(|t| t.clone().into_tvalue()).collect())
-            .unwrap()
-            .remove(0);
-        let values = y
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec();
-        (values, replaced)
+        (run_plan(m, inputs).remove(0), replaced)
     }
 
     fn inputs(x_shape: [usize; 4], cout: usize, bias_input: bool) -> Vec<Tensor> {
@@ -1077,16 +1080,7 @@ mod tests {
             .to_vec();
         exposed.select_output_outlets(&[y, w]).unwrap();
         assert_eq!(use_winograd(&mut exposed).unwrap(), 1);
-        let plan = exposed.into_optimized().unwrap().into_runnable().unwrap();
-        let outs = plan
-            .run(ins.iter().map(|t| t.clone().into_tvalue()).collect())
-            .unwrap();
-        let got = outs[1]
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec();
+        let got = run_plan(exposed, &ins).remove(1);
         assert_eq!(bits(&got), bits(&kernel));
     }
 
@@ -1122,16 +1116,7 @@ mod tests {
         );
         let ins = inputs(x_shape, 32, false);
         let (want, _) = run(&model, false, &ins);
-        let plan = low.into_optimized().unwrap().into_runnable().unwrap();
-        let got = plan
-            .run(ins.iter().map(|t| t.clone().into_tvalue()).collect())
-            .unwrap();
-        let got = got[0]
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec();
+        let got = run_plan(low, &ins).remove(0);
         let (d, scale) = diff(&got, &want);
         assert!(d <= 1e-5 * scale, "{d} of {scale}");
     }
