@@ -270,7 +270,7 @@ impl WinogradConv {
         let [h, w] = self.side;
         let tp = ((h / 2) * (w / 2)).next_multiple_of(LANE);
         let (cin, cout) = (self.cin, self.cout);
-        sc.v.resize(XI * cin * tp, 0.0);
+        sc.v.resize(XI * v_stride(cin, tp), 0.0);
         let parts = op_threads::threads().max(1);
         if sc.parts.len() < parts {
             sc.parts.resize_with(parts, PartScratch::default);
@@ -280,19 +280,25 @@ impl WinogradConv {
         let per = cin.div_ceil(parts);
         let v = Panels::new(&mut sc.v, cin, tp);
         let work = x.chunks(per * h * w).zip(sc.parts.iter_mut()).enumerate();
+        let in_place = kernels::panels_fit(w);
         op_threads::for_each(work, |(p, (x, part))| {
             for (k, x) in x.chunks_exact(h * w).enumerate() {
-                part.v.resize(XI * tp, 0.0);
-                kernels::input(x, h, w, &mut part.v, tp, &mut part.rows);
-                // SAFETY: each part writes only its own input channels' values.
-                unsafe { v.store(p * per + k, &part.v) };
+                let c = p * per + k;
+                // SAFETY (both): each part writes only its own input channels' values.
+                if in_place {
+                    unsafe { v.transform(c, x, h, w, &mut part.rows) };
+                } else {
+                    part.v.resize(XI * tp, 0.0);
+                    kernels::input(x, h, w, &mut part.v, tp, &mut part.rows);
+                    unsafe { v.store(c, &part.v) };
+                }
             }
         });
 
         // 2. By blocks of output channels: their U, the products and the output
         //    transform.
         let per = cout.div_ceil(CO).div_ceil(parts) * CO;
-        let (v, bias) = (&sc.v[..], &sc.bias[..]);
+        let (v, bias, vs) = (&sc.v[..], &sc.bias[..], v_stride(cin, tp));
         let work = out
             .chunks_mut(per * h * w)
             .zip(sc.parts.iter_mut())
@@ -302,13 +308,14 @@ impl WinogradConv {
             for (k, out) in out.chunks_mut(GROUP * CO * h * w).enumerate() {
                 let block = first + k * GROUP;
                 let channels = out.len() / (h * w);
-                self.run_group(block, channels, v, tp, &bias[block * CO..], out, part);
+                self.run_group(block, channels, v, vs, tp, &bias[block * CO..], out, part);
             }
         });
     }
 
     /// Output channels `6 · block ..` (`channels` of them, at most [`GROUP`] blocks) of
-    /// one image into `out`, from `v` (all of V, in panels): `U` of the group's blocks,
+    /// one image into `out`, from `v` (all of V, in panels, positions `vs` apart): `U`
+    /// of the group's blocks,
     /// the 16 products `M_ξ = U_ξ V_ξ` for them, and the output transform plus `bias`.
     #[allow(clippy::too_many_arguments)]
     fn run_group(
@@ -316,6 +323,7 @@ impl WinogradConv {
         block: usize,
         channels: usize,
         v: &[f32],
+        vs: usize,
         tp: usize,
         bias: &[f32],
         out: &mut [f32],
@@ -337,7 +345,7 @@ impl WinogradConv {
         }
         for xi in 0..XI {
             let u = &part.u[xi * stride..][..blocks * size];
-            kernels::product(u, &v[xi * cin * tp..][..cin * tp], xi, &mut part.m, cin, tp);
+            kernels::product(u, &v[xi * vs..][..cin * tp], xi, &mut part.m, cin, tp);
         }
         for (o, out) in out.chunks_exact_mut(h * w).enumerate() {
             let m = &part.m[o * XI * tp..][..XI * tp];
@@ -351,9 +359,9 @@ impl WinogradConv {
 /// small (at cin = 256 and a 32 × 32 output: 393 KB and 393 KB).
 const GROUP: usize = 4;
 
-/// Floats of padding after each position's rows of a group's `U`: they would be a
-/// multiple of 4 KiB apart at common channel counts, which maps the filter
-/// transform's 16 streams of stores onto the same cache sets.
+/// Floats of padding after each position's rows of a group's `U`, and of V
+/// ([`v_stride`]): they would be a multiple of 4 KiB apart at common channel counts,
+/// which maps the transforms' 16 streams of stores onto the same cache sets.
 const PAD: usize = 16;
 
 /// Arranges OIHW kernels (`[cout][cin][9]`) in place by blocks of 6 output channels:
@@ -375,9 +383,17 @@ fn arrange(g: &mut [f32], cin: usize) {
     }
 }
 
-/// V (`[ξ][tp / 16][cin][16]`: for each position, the tiles in panels of 16, the last
-/// 8 wide where `tp` is not a multiple of 16) shared by the input transform's parts,
-/// borrowed mutably for as long as it lives.
+/// Floats from one position's panels of V to the next: `cin · tp` and [`PAD`], so that
+/// the 16 values of a tile, one per position, are not a multiple of 4 KiB apart (at
+/// cin = 64 and an 8 × 8 output they were 4 KiB apart exactly, and the input
+/// transform's stores of a tile met in one cache set).
+fn v_stride(cin: usize, tp: usize) -> usize {
+    cin * tp + PAD
+}
+
+/// V (`[ξ][tp / 16][cin][16]`, positions [`v_stride`] apart: for each position, the
+/// tiles in panels of 16, the last 8 wide where `tp` is not a multiple of 16) shared by
+/// the input transform's parts, borrowed mutably for as long as it lives.
 struct Panels<'a> {
     base: *mut f32,
     cin: usize,
@@ -391,7 +407,7 @@ unsafe impl Sync for Panels<'_> {}
 
 impl<'a> Panels<'a> {
     fn new(v: &'a mut [f32], cin: usize, tp: usize) -> Self {
-        assert!(v.len() >= XI * cin * tp && tp.is_multiple_of(LANE));
+        assert!(v.len() >= XI * v_stride(cin, tp) && tp.is_multiple_of(LANE));
         Panels {
             base: v.as_mut_ptr(),
             cin,
@@ -411,13 +427,32 @@ impl<'a> Panels<'a> {
             let mut t0 = 0;
             while t0 < tp {
                 let width = (tp - t0).min(2 * LANE);
-                let at = xi * cin * tp + cin * t0 + c * width;
-                // SAFETY: `at + width <= XI · cin · tp`, the length checked in `new`.
+                let at = xi * v_stride(cin, tp) + cin * t0 + c * width;
+                // SAFETY: `at + width <= XI · v_stride`, the length checked in `new`.
                 let row = std::slice::from_raw_parts_mut(self.base.add(at), width);
                 row.copy_from_slice(&values[t0..t0 + width]);
                 t0 += width;
             }
         }
+    }
+
+    /// Input channel `c`'s transform, from its values `x` (`[h, w]`), written straight
+    /// into its rows of the panels ([`kernels::input_panels`]; `rows` is its room for
+    /// the column transforms). Only where [`kernels::panels_fit`] takes the width.
+    ///
+    /// # Safety
+    /// No other thread may write the same channel meanwhile, nor read V.
+    unsafe fn transform(&self, c: usize, x: &[f32], h: usize, w: usize, rows: &mut Vec<f32>) {
+        assert!(c < self.cin && x.len() == h * w && h.is_multiple_of(2));
+        assert!(kernels::panels_fit(w) && (h / 2) * (w / 2) <= self.tp);
+        let at = kernels::PanelAt {
+            base: self.base,
+            cin: self.cin,
+            tp: self.tp,
+            xs: v_stride(self.cin, self.tp),
+            c,
+        };
+        kernels::input_panels(x, h, w, rows, at);
     }
 }
 
@@ -592,6 +627,64 @@ mod kernels {
         }
     }
 
+    /// Whether [`input_panels`] takes a map `w` wide: its tiles come 4 or 8 to a
+    /// vector, so the tiles of a row must be a multiple of 4.
+    pub fn panels_fit(w: usize) -> bool {
+        w.is_multiple_of(2) && (w / 2).is_multiple_of(4)
+    }
+
+    /// Where the values of one input channel go in V's panels (`[ξ][tp / 16][cin][16]`,
+    /// positions `xs` apart, the last panel 8 wide where `tp` is not a multiple of 16).
+    #[derive(Debug, Clone, Copy)]
+    pub struct PanelAt {
+        /// V's first value.
+        pub base: *mut f32,
+        /// Input channels.
+        pub cin: usize,
+        /// Tiles per position, padded to a multiple of 8.
+        pub tp: usize,
+        /// Floats from one position to the next (`cin · tp` or more).
+        pub xs: usize,
+        /// The channel.
+        pub c: usize,
+    }
+
+    impl PanelAt {
+        /// Tile `t`'s value at position `xi`; tiles `t .. t + 4` (from a multiple of 4)
+        /// follow it, and so do `t .. t + 8` from a multiple of 8.
+        ///
+        /// # Safety
+        /// `xi < 16`, `t < tp`, `c < cin` and V holds `16 · xs` values.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        #[inline(always)]
+        unsafe fn ptr(self, xi: usize, t: usize) -> *mut f32 {
+            let t0 = t & !(2 * LANE - 1);
+            let width = (self.tp - t0).min(2 * LANE);
+            let at = xi * self.xs + self.cin * t0 + self.c * width + (t - t0);
+            self.base.add(at)
+        }
+    }
+
+    /// The input transform of one channel `x` (`[h, w]`, `w` taken by [`panels_fit`])
+    /// written straight into its rows of V's panels at `at`, 4 or 8 tiles to a vector:
+    /// first the column transforms `d B` of every padded row (into `rows`; each input
+    /// row once, where [`input`] makes each twice), read from the input without a
+    /// padded copy, then the row transforms `Bᵀ (d B)` of each row of tiles. The same
+    /// operations on the same values as [`input`], so the same bits.
+    ///
+    /// # Safety
+    /// `at` must describe V (see [`PanelAt::ptr`]) with `(h / 2) · (w / 2) ≤ tp`, and no
+    /// other thread may write channel `at.c` or read V meanwhile.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    pub unsafe fn input_panels(x: &[f32], h: usize, w: usize, rows: &mut Vec<f32>, at: PanelAt) {
+        assert!(panels_fit(w) && h.is_multiple_of(2) && x.len() == h * w);
+        assert!(at.c < at.cin && (h / 2) * (w / 2) <= at.tp);
+        #[cfg(target_arch = "x86_64")]
+        x86::input_panels(x, h, w, rows, at);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no Winograd kernel off x86-64")
+    }
+
     /// `U` of one block of `rows` output channels: `g` is its kernels (`[9][cin][rows]`),
     /// and position ξ goes to `u[ξ · stride..][..cin · 6]` as `[cin][6]`, zero past
     /// `rows` (`G g Gᵀ` as [`super::filter_transform`] computes it: same operations,
@@ -718,6 +811,167 @@ mod kernels {
                         *row.add(2 * tx) = c[0] + c[1] + c[2] + bias;
                         *row.add(2 * tx + 1) = c[1] - c[2] - c[3] + bias;
                     }
+                }
+            }
+        }
+
+        /// [`super::input_panels`] (its checks done).
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn input_panels(
+            x: &[f32],
+            h: usize,
+            w: usize,
+            rows: &mut Vec<f32>,
+            at: super::PanelAt,
+        ) {
+            let tw = w / 2;
+            // The column transforms of the h + 2 padded rows, `[row][j][tw]`; the first
+            // and last (the zero padding) are zeros.
+            let line = 4 * tw;
+            rows.resize((h + 2) * line, 0.0);
+            rows[..line].fill(0.0);
+            rows[(h + 1) * line..].fill(0.0);
+            let (x, cols) = (x.as_ptr(), rows.as_mut_ptr());
+            for r in 0..h {
+                let (row, out) = (x.add(r * w), cols.add((r + 1) * line));
+                if tw.is_multiple_of(LANE) {
+                    columns8(row, out, tw);
+                } else {
+                    columns4(row, out, tw);
+                }
+            }
+            for ty in 0..h / 2 {
+                let d = cols.add(2 * ty * line);
+                if tw.is_multiple_of(LANE) {
+                    rows8(d, tw, ty, at);
+                } else {
+                    rows4(d, tw, ty, at);
+                }
+            }
+        }
+
+        /// The even and odd values of `p[0..16]`.
+        #[inline(always)]
+        unsafe fn split8(p: *const f32) -> (__m256, __m256) {
+            let (lo, hi) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANE)));
+            let order = |v: __m256| {
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+            };
+            (
+                order(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi)),
+                order(_mm256_shuffle_ps::<0b11_01_11_01>(lo, hi)),
+            )
+        }
+
+        /// The even and odd values of `p[0..8]`.
+        #[inline(always)]
+        unsafe fn split4(p: *const f32) -> (__m128, __m128) {
+            let (lo, hi) = (_mm_loadu_ps(p), _mm_loadu_ps(p.add(4)));
+            (
+                _mm_shuffle_ps::<0b10_00_10_00>(lo, hi),
+                _mm_shuffle_ps::<0b11_01_11_01>(lo, hi),
+            )
+        }
+
+        /// `d B` of one input row `x` (`2 tw` values) into `out` (`[j][tw]`), 8 tiles at
+        /// a time. Tile `tx` reads padded columns `2tx .. 2tx + 4`, input columns
+        /// `2tx − 1 .. 2tx + 3`: `a1`, `a2` are the evens and odds of the input from
+        /// `2tx`, `a0` the odds moved one tile right (the previous group's last, or the
+        /// left padding's zero, coming in), `a3` the evens moved one tile left (the next
+        /// group's first, or the right padding's zero).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn columns8(x: *const f32, out: *mut f32, tw: usize) {
+            let right = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+            let left = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
+            let zero = _mm256_setzero_ps();
+            let (mut last_odds, (mut evens, mut odds)) = (zero, split8(x));
+            for tx in (0..tw).step_by(LANE) {
+                let (next_evens, next_odds) = if tx + LANE < tw {
+                    split8(x.add(2 * (tx + LANE)))
+                } else {
+                    (zero, zero)
+                };
+                let a0 = _mm256_blend_ps::<0b0000_0001>(
+                    _mm256_permutevar8x32_ps(odds, right),
+                    _mm256_permutevar8x32_ps(last_odds, right),
+                );
+                let a3 = _mm256_blend_ps::<0b1000_0000>(
+                    _mm256_permutevar8x32_ps(evens, left),
+                    _mm256_permutevar8x32_ps(next_evens, left),
+                );
+                let (a1, a2) = (evens, odds);
+                _mm256_storeu_ps(out.add(tx), _mm256_sub_ps(a0, a2));
+                _mm256_storeu_ps(out.add(tw + tx), _mm256_add_ps(a1, a2));
+                _mm256_storeu_ps(out.add(2 * tw + tx), _mm256_sub_ps(a2, a1));
+                _mm256_storeu_ps(out.add(3 * tw + tx), _mm256_sub_ps(a1, a3));
+                (last_odds, evens, odds) = (odds, next_evens, next_odds);
+            }
+        }
+
+        /// [`columns8`], 4 tiles at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn columns4(x: *const f32, out: *mut f32, tw: usize) {
+            // `b`'s last value, then `a`'s first three; `a`'s last three, then `b`'s first.
+            let after = |a: __m128, b: __m128| {
+                _mm_castsi128_ps(_mm_alignr_epi8::<12>(
+                    _mm_castps_si128(a),
+                    _mm_castps_si128(b),
+                ))
+            };
+            let before = |a: __m128, b: __m128| {
+                _mm_castsi128_ps(_mm_alignr_epi8::<4>(
+                    _mm_castps_si128(b),
+                    _mm_castps_si128(a),
+                ))
+            };
+            let zero = _mm_setzero_ps();
+            let (mut last_odds, (mut evens, mut odds)) = (zero, split4(x));
+            for tx in (0..tw).step_by(4) {
+                let (next_evens, next_odds) = if tx + 4 < tw {
+                    split4(x.add(2 * (tx + 4)))
+                } else {
+                    (zero, zero)
+                };
+                let a0 = after(odds, last_odds);
+                let a3 = before(evens, next_evens);
+                let (a1, a2) = (evens, odds);
+                _mm_storeu_ps(out.add(tx), _mm_sub_ps(a0, a2));
+                _mm_storeu_ps(out.add(tw + tx), _mm_add_ps(a1, a2));
+                _mm_storeu_ps(out.add(2 * tw + tx), _mm_sub_ps(a2, a1));
+                _mm_storeu_ps(out.add(3 * tw + tx), _mm_sub_ps(a1, a3));
+                (last_odds, evens, odds) = (odds, next_evens, next_odds);
+            }
+        }
+
+        /// `Bᵀ (d B)` of tile row `ty` from `d` (the column transforms of its 4 padded
+        /// rows, `[i][j][tw]`) into the panels, 8 tiles at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rows8(d: *const f32, tw: usize, ty: usize, at: super::PanelAt) {
+            for tx in (0..tw).step_by(LANE) {
+                let p = at.ptr(0, ty * tw + tx);
+                for j in 0..4 {
+                    let ld = |i: usize| _mm256_loadu_ps(d.add((i * 4 + j) * tw + tx));
+                    let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
+                    _mm256_storeu_ps(p.add(j * at.xs), _mm256_sub_ps(d0, d2));
+                    _mm256_storeu_ps(p.add((4 + j) * at.xs), _mm256_add_ps(d1, d2));
+                    _mm256_storeu_ps(p.add((8 + j) * at.xs), _mm256_sub_ps(d2, d1));
+                    _mm256_storeu_ps(p.add((12 + j) * at.xs), _mm256_sub_ps(d1, d3));
+                }
+            }
+        }
+
+        /// [`rows8`], 4 tiles at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rows4(d: *const f32, tw: usize, ty: usize, at: super::PanelAt) {
+            for tx in (0..tw).step_by(4) {
+                let p = at.ptr(0, ty * tw + tx);
+                for j in 0..4 {
+                    let ld = |i: usize| _mm_loadu_ps(d.add((i * 4 + j) * tw + tx));
+                    let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
+                    _mm_storeu_ps(p.add(j * at.xs), _mm_sub_ps(d0, d2));
+                    _mm_storeu_ps(p.add((4 + j) * at.xs), _mm_add_ps(d1, d2));
+                    _mm_storeu_ps(p.add((8 + j) * at.xs), _mm_sub_ps(d2, d1));
+                    _mm_storeu_ps(p.add((12 + j) * at.xs), _mm_sub_ps(d1, d3));
                 }
             }
         }
@@ -976,6 +1230,35 @@ mod tests {
     }
 
     /// `G g Gᵀ` by the matrix products of its definition, in f64.
+    #[test]
+    fn the_input_transform_in_place_gives_the_bits_of_the_rows() {
+        // Widths of 4 tiles (one 4-wide vector), 8, 12 (three 4-wide) and 16 and 20
+        // tiles; heights down to one row of tiles; 8 and 16 wide last panels.
+        for (h, w, cin) in [(8, 8, 3), (16, 16, 2), (2, 24, 2), (32, 32, 2), (6, 40, 3)] {
+            assert!(kernels::panels_fit(w));
+            let tp = ((h / 2) * (w / 2)).next_multiple_of(LANE);
+            let x = values(cin * h * w, 4);
+            let len = XI * v_stride(cin, tp);
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            let (mut rows, mut v) = (Vec::new(), vec![0f32; XI * tp]);
+            let panels = Panels::new(&mut a, cin, tp);
+            for (c, x) in x.chunks_exact(h * w).enumerate() {
+                kernels::input(x, h, w, &mut v, tp, &mut rows);
+                // SAFETY: one thread.
+                unsafe { panels.store(c, &v) };
+            }
+            let panels = Panels::new(&mut b, cin, tp);
+            for (c, x) in x.chunks_exact(h * w).enumerate() {
+                // SAFETY: one thread.
+                unsafe { panels.transform(c, x, h, w, &mut rows) };
+            }
+            assert!(a.iter().any(|&v| v != 0.0));
+            assert_eq!(bits(&a), bits(&b), "{h} x {w}, {cin} channels");
+        }
+        // Rows of tiles off the multiples of 4 take the other path.
+        assert!(!kernels::panels_fit(12) && !kernels::panels_fit(20) && !kernels::panels_fit(7));
+    }
+
     #[test]
     fn the_filter_transform_is_g_g_gt() {
         let gm = [
