@@ -550,12 +550,12 @@ fn profile(a: &Args) -> Res<Value> {
                     fuse_attention(&mut m)?;
                 }
                 if rewrite == "all" {
+                    if let Some(min_pixels) = winograd {
+                        use_winograd_with(&mut m, min_pixels)?;
+                    }
                     use_direct_convs_with(&mut m, &policy)?;
                     if fuse_pointwise {
                         fuse_pointwise_convs_with(&mut m, &policy)?;
-                    }
-                    if let Some(min_pixels) = winograd {
-                        use_winograd_with(&mut m, min_pixels)?;
                     }
                 }
                 m.optimize()?;

@@ -478,9 +478,9 @@ impl OnnxModel {
             let mut optimised = decluttered;
             group_norm::fuse_group_norms(&mut optimised)?;
             attention::fuse_attention(&mut optimised)?;
+            winograd::use_winograd(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
             pointwise_conv::fuse_pointwise_convs(&mut optimised)?;
-            winograd::use_winograd(&mut optimised)?;
             codegen::optimize(&mut optimised)?;
             rewrite::natural_const_strides(&mut optimised)?;
             optimised.into_runnable()

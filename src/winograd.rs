@@ -1,5 +1,5 @@
 //! Winograd convolutions, F(2 × 2, 3 × 3), for the large 3 × 3 convolutions (issue 6,
-//! levers 18 and 19 in `docs/PERFORMANCE.md`).
+//! levers 18 to 20 in `docs/PERFORMANCE.md`).
 //!
 //! tract runs a 3 × 3 convolution as a matrix product over an im2col of its input: 9
 //! multiply-adds per output, input channel and output channel. Winograd's minimal
@@ -27,13 +27,19 @@
 //!      input channel, where the im2col product has 36, so 2.25x fewer,
 //!    - the output transform `Y = Aᵀ M A + b` per tile and output channel.
 //!
-//! The op keeps only the kernels, arranged in place by blocks (taken out of the model's
-//! constant, so without a copy), not `U`: `U` would take 16/9 of their memory, which on
-//! the cifar-size U-Net raised the peak memory from 1.34x to 1.9x the weights when every
-//! map was taken. Made per group, `U` costs 9 loads and 16 stores per kernel and stays
-//! in the L2 cache while the products use it. Measured on that U-Net against a stored
-//! `U`: the same time over its 33 Winograd convolutions, the 8 × 8 ones (16 tiles per
-//! kernel) ~1.2x slower, the largest 32 × 32 ones ~0.93x.
+//! The op keeps the kernels, arranged in place by blocks (taken out of the model's
+//! constant, so without a copy), and `U` only where it is small ([`STORED_U_MAX`]):
+//! `U` takes 16/9 of the kernels' memory, which on the cifar-size U-Net raised the peak
+//! memory from 1.34x to 1.9x the weights when every map was taken. Made per group, `U`
+//! costs 9 loads and 16 stores per kernel and stays in the L2 cache while the products
+//! use it. Measured on that U-Net against a stored `U`: the same time over its 33
+//! Winograd convolutions, the 8 × 8 ones (16 tiles per kernel) ~1.2x slower, the largest
+//! 32 × 32 ones ~0.93x. The shipped Fashion-MNIST U-Net's kernels are small, and its
+//! Winograd convolutions keep their `U`: ~15% faster than making it as they run.
+//!
+//! The input transform writes V's panels in place, 4 or 8 tiles to a vector, each
+//! input row's column transform made once (maps whose rows of tiles are not a multiple
+//! of 4 take a row-by-row path with the same bits).
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
 //! over the input channels in order with FMA from zero; the transforms are fixed sums.
@@ -44,11 +50,14 @@
 //!
 //! [`use_winograd`] swaps it in at load time: f32, NCHW, one group, a 3 × 3 kernel,
 //! stride and dilation 1, one zero row and column of padding on every side, an even
-//! output of [`MIN_PIXELS`] (8 × 8) or more, 32 input channels or more, constant
-//! weights, a constant bias or one given at run time, on an x86-64 CPU with AVX2 and
-//! FMA. It runs after [`crate::direct_conv::use_direct_convs`], which keeps the small
-//! convolutions it runs faster. Below 8 × 8 there are too few tiles per kernel: the
-//! 4 × 4 maps were measured no faster than tract's.
+//! output of [`MIN_PIXELS`] (8 × 8) or more, [`MIN_INPUT_CHANNELS`] (16) input and
+//! [`MIN_OUTPUT_CHANNELS`] (8) output channels or more, constant weights, a constant
+//! bias or one given at run time, on an x86-64 CPU with AVX2 and FMA. It runs before
+//! [`crate::direct_conv::use_direct_convs`], which takes the convolutions it leaves:
+//! on the shipped Fashion-MNIST U-Net (16 to 128 input channels, 16 to 64 output, 8 × 8
+//! to 32 × 32 maps) every convolution it takes ran 1.2-1.9x faster than the direct
+//! kernel (lever 20 in `docs/PERFORMANCE.md`). Below 8 × 8 there are too few tiles per
+//! kernel: the 4 × 4 maps were measured no faster than tract's.
 
 use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
 use crate::fusion::{same_bits, same_optional_bits};
@@ -65,8 +74,12 @@ const LANE: usize = 8;
 const XI: usize = 16;
 /// The fewest output pixels taken: 8 × 8 (module docs).
 pub const MIN_PIXELS: usize = 64;
-/// The fewest input channels taken.
-pub const MIN_INPUT_CHANNELS: usize = 32;
+/// The fewest input channels taken (the shipped Fashion-MNIST U-Net's 16-channel
+/// convolutions ran ~1.3x faster than the direct kernel).
+pub const MIN_INPUT_CHANNELS: usize = 16;
+/// The fewest output channels taken: a block of 6 output channels is the products'
+/// unit, and a 1- or 3-channel output (`conv_out`) would waste most of it.
+pub const MIN_OUTPUT_CHANNELS: usize = 8;
 
 /// `G g Gᵀ` of one 3 × 3 kernel `g` (row-major), row-major: `G`'s rows are `g₀`,
 /// `(g₀ + g₁ + g₂) / 2`, `(g₀ − g₁ + g₂) / 2` and `g₂` of what it multiplies (module
@@ -111,6 +124,9 @@ pub struct WinogradConv {
     /// kernels had it `[rows][cin][9]`: in the same place, so that the kernels are
     /// arranged in place ([`arrange`]). A block's `U` is made from them when needed.
     g: Arc<Tensor>,
+    /// Every block's `U` (`[ξ][block][cin][6]`), made once at load where it takes at
+    /// most [`STORED_U_MAX`] bytes; `None` where each group makes its own as it runs.
+    u: Option<Arc<Vec<f32>>>,
     /// `None`: the bias is the op's second input.
     bias: Option<Arc<Vec<f32>>>,
 }
@@ -188,13 +204,33 @@ impl WinogradConv {
             let mut view = kernel.try_as_plain_ram_mut()?;
             arrange(view.as_slice_mut::<f32>()?, cin);
         }
-        Ok(WinogradConv {
+        let mut op = WinogradConv {
             cin,
             cout,
             side,
             g: kernel,
+            u: None,
             bias: bias.map(|b| Arc::new(b.to_vec())),
-        })
+        };
+        let blocks = cout.div_ceil(CO);
+        if XI * blocks * cin * CO * std::mem::size_of::<f32>() <= STORED_U_MAX {
+            let mut u = vec![0f32; XI * blocks * cin * CO];
+            op.filters(0, blocks, &mut u, blocks * cin * CO);
+            op.u = Some(Arc::new(u));
+        }
+        Ok(op)
+    }
+
+    /// `U` of blocks `first .. first + blocks` into `u`, position ξ at `u[ξ · stride..]`
+    /// (`[blocks][cin][6]`).
+    fn filters(&self, first: usize, blocks: usize, u: &mut [f32], stride: usize) {
+        let (cin, g) = (self.cin, self.kernels());
+        for b in 0..blocks {
+            let start = (first + b) * CO;
+            let rows = (self.cout - start).min(CO);
+            let g = &g[start * cin * 9..][..rows * cin * 9];
+            kernels::filters(g, rows, cin, &mut u[b * cin * CO..], stride);
+        }
     }
 
     /// The kernels as [`arrange`] left them.
@@ -333,18 +369,18 @@ impl WinogradConv {
         let cin = self.cin;
         let blocks = channels.div_ceil(CO);
         let size = cin * CO;
-        let stride = blocks * size + PAD;
-        part.u.resize(XI * stride, 0.0);
         part.m.resize(blocks * CO * XI * tp, 0.0);
-        let g = self.kernels();
-        for b in 0..blocks {
-            let first = (block + b) * CO;
-            let rows = (self.cout - first).min(CO);
-            let g = &g[first * cin * 9..][..rows * cin * 9];
-            kernels::filters(g, rows, cin, &mut part.u[b * size..], stride);
-        }
+        let (u, stride) = match &self.u {
+            Some(u) => (&u[block * size..], self.cout.div_ceil(CO) * size),
+            None => {
+                let stride = blocks * size + PAD;
+                part.u.resize(XI * stride, 0.0);
+                self.filters(block, blocks, &mut part.u, stride);
+                (&part.u[..], stride)
+            }
+        };
         for xi in 0..XI {
-            let u = &part.u[xi * stride..][..blocks * size];
+            let u = &u[xi * stride..][..blocks * size];
             kernels::product(u, &v[xi * vs..][..cin * tp], xi, &mut part.m, cin, tp);
         }
         for (o, out) in out.chunks_exact_mut(h * w).enumerate() {
@@ -353,6 +389,14 @@ impl WinogradConv {
         }
     }
 }
+
+/// The most bytes of `U` an op keeps, made once at load ([`WinogradConv`]'s `u`): up to
+/// this, 16/9 of the kernels' memory more buys each run its filter transforms, which
+/// cost the most beside the products on small maps (on the 8 × 8 ones, 16 tiles per
+/// kernel). The shipped Fashion-MNIST U-Net's convolutions all keep theirs (at most
+/// 540 KB, 2.2 MB in all); the cifar-size U-Net's, 1.1-9.4 MB each, make theirs as
+/// they run.
+pub const STORED_U_MAX: usize = 1 << 20;
 
 /// Blocks of output channels whose `U` is made at once: the products reuse each panel
 /// of `V` for all of them while it is in the L1 cache, and the group's `U` and `M` stay
@@ -1088,6 +1132,7 @@ fn winograd_for(
         .all(|(p, s)| p.pad_before == 1 && p.pad_after == 1 && p.convoluted == s);
     if spec.kernel_shape[..] != [3, 3]
         || spec.input_channels < MIN_INPUT_CHANNELS
+        || spec.output_channels < MIN_OUTPUT_CHANNELS
         || !same
         || side[0] * side[1] < min_pixels
         || side.iter().any(|&s| !s.is_multiple_of(2))
@@ -1206,18 +1251,19 @@ mod tests {
     #[test]
     fn matches_tract_on_the_shapes_it_takes() {
         for (x_shape, cout, bias_input) in [
-            // The smallest map and channel count taken; one of cifar's 32 × 32 ones and
-            // one of its 8 × 8 ones; a batch of 2 with channels off the 6-channel tile
-            // and the groups of 24, 16 × 17 tiles (off the 8 lanes of the output
-            // transform) and the bias an input; 4 × 6 tiles (a panel of 16 and one of
-            // 8) with 33 input channels (off the filter transform's 8 lanes); one
-            // output channel.
-            ([1, 32, 8, 8], 32, false),
+            // The smallest map and channel counts taken; one of cifar's 32 × 32 ones
+            // and one of its 8 × 8 ones (`U` made as they run; the others keep theirs);
+            // a batch of 2 with channels off the 6-channel tile and the groups of 24,
+            // 16 × 17 tiles (off the 8 lanes of the output transform, and of the input
+            // transform's in-place path) and the bias an input; 4 × 6 tiles (a panel of
+            // 16 and one of 8) with 33 input channels (off the filter transform's 8
+            // lanes); 4 tiles to a row (the in-place input transform's 4-wide vectors).
+            ([1, 16, 8, 8], 8, false),
             ([1, 128, 32, 32], 128, false),
             ([1, 256, 8, 8], 256, false),
             ([2, 40, 32, 34], 70, true),
             ([1, 33, 8, 12], 70, true),
-            ([1, 64, 32, 32], 1, false),
+            ([1, 64, 16, 8], 9, false),
         ] {
             let model = conv_model(x_shape, cout, [3, 3], (1, 1), 1, bias_input).unwrap();
             let ins = inputs(x_shape, cout, bias_input);
@@ -1257,6 +1303,31 @@ mod tests {
         }
         // Rows of tiles off the multiples of 4 take the other path.
         assert!(!kernels::panels_fit(12) && !kernels::panels_fit(20) && !kernels::panels_fit(7));
+    }
+
+    #[test]
+    fn a_kept_u_gives_the_bits_of_one_made_per_group() {
+        if !available() {
+            return;
+        }
+        // 70 output channels: 12 blocks, the last of 4, in groups of 4 blocks.
+        let (cin, cout, side) = (40, 70, [8, 16]);
+        let weights = values(cout * cin * 9, 3);
+        let bias = values(cout, 5);
+        let kept = WinogradConv::new(cin, cout, side, &weights, Some(&bias)).unwrap();
+        let u = kept.u.as_deref().expect("a small U is kept");
+        assert_eq!(u.len(), XI * 12 * cin * CO);
+        let mut made = kept.clone();
+        made.u = None;
+        let x = Tensor::from_shape(&[2, cin, 8, 16], &values(2 * cin * 128, 6)).unwrap();
+        let run = |op: &WinogradConv| {
+            let y = op.run(&[x.clone().into_tvalue()]).unwrap();
+            bits(y.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap())
+        };
+        assert_eq!(run(&kept), run(&made));
+        // A large one makes its U as it runs.
+        let big = WinogradConv::new(128, 128, [8, 8], &values(128 * 128 * 9, 3), None).unwrap();
+        assert!(big.u.is_none());
     }
 
     #[test]
@@ -1373,7 +1444,8 @@ mod tests {
             ([1, 32, 64, 64], 32, [3, 3], (1, 1), 2),
             ([1, 32, 32, 32], 32, [3, 3], (0, 0), 1),
             ([1, 32, 32, 32], 32, [1, 1], (0, 0), 1),
-            ([1, 16, 32, 32], 32, [3, 3], (1, 1), 1),
+            ([1, 15, 32, 32], 32, [3, 3], (1, 1), 1),
+            ([1, 32, 32, 32], 7, [3, 3], (1, 1), 1),
             ([1, 32, 4, 4], 32, [3, 3], (1, 1), 1),
             ([1, 32, 33, 34], 32, [3, 3], (1, 1), 1),
         ] {
