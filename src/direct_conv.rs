@@ -31,7 +31,9 @@
 //! up to 64 output channels on rows of 8 columns or more (tiles of 16 × 6 on rows a
 //! multiple of 16, else 8 × 8). A last partial tile of channels is computed on zero
 //! weights and not stored.
-//! Everything else, and every other CPU, stays with tract. 1 × 1 convolutions, which
+//! Everything else, and every other CPU, stays with tract. It runs after
+//! [`crate::winograd::use_winograd`], which takes the 3 × 3 convolutions it runs
+//! faster (with AVX2, on maps of 8 × 8 or more). 1 × 1 convolutions, which
 //! tract's declutter has made matrix products by then, reach it through
 //! [`crate::pointwise_conv`].
 //!

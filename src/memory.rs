@@ -14,7 +14,9 @@
 //! Not counted: tract's per-kernel scratch (packed operands, a few times one layer's
 //! activations), esddpm's own operators' per-thread buffers (the Winograd
 //! convolutions': the largest one's transformed input, 16 × cin × tiles floats, 6.3 MB
-//! on the cifar-size U-Net, and ~1.2 MB per thread besides), the allocator's
+//! on the cifar-size U-Net, and ~1.2 MB per thread besides, and the filter transforms
+//! `U` the small ones keep, at most 1 MiB each, 4.1 MB on the shipped Fashion-MNIST
+//! U-Net), the allocator's
 //! overhead, and values tract folds while optimising a model (constant subgraphs); the
 //! limit is an estimate with that margin, not an allocator hook.
 
