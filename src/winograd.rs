@@ -43,10 +43,11 @@
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
 //! over the input channels in order with FMA from zero; the transforms are fixed sums.
-//! The result is the same bit for bit whatever the thread count (the input transform
-//! is split by input channels, the rest by output channels, each element computed
-//! alike); it differs from tract's by the transforms' rounding (tested within 1e-5 of
-//! the outputs' scale).
+//! The result is the same bit for bit whatever the thread count (each element is
+//! computed alike however the work is split: for a large convolution the input
+//! transform by input channels, the rest by output channels; for a small one, whose
+//! `U` is kept, everything by bands of rows of tiles); it differs from tract's by the
+//! transforms' rounding (tested within 1e-5 of the outputs' scale).
 //!
 //! [`use_winograd`] swaps it in at load time: f32, NCHW, one group, a 3 × 3 kernel,
 //! stride and dilation 1, one zero row and column of padding on every side, an even
@@ -306,11 +307,14 @@ impl WinogradConv {
         let [h, w] = self.side;
         let tp = ((h / 2) * (w / 2)).next_multiple_of(LANE);
         let (cin, cout) = (self.cin, self.cout);
-        sc.v.resize(XI * v_stride(cin, tp), 0.0);
         let parts = op_threads::threads().max(1);
         if sc.parts.len() < parts {
             sc.parts.resize_with(parts, PartScratch::default);
         }
+        if let Some(u) = self.u.as_deref().filter(|_| kernels::panels_fit(w)) {
+            return self.run_bands(x, out, u, &sc.bias, &mut sc.parts[..parts]);
+        }
+        sc.v.resize(XI * v_stride(cin, tp), 0.0);
 
         // 1. The input transform, by blocks of input channels, into V's panels.
         let per = cin.div_ceil(parts);
@@ -322,7 +326,7 @@ impl WinogradConv {
                 let c = p * per + k;
                 // SAFETY (both): each part writes only its own input channels' values.
                 if in_place {
-                    unsafe { v.transform(c, x, h, w, &mut part.rows) };
+                    unsafe { v.transform(c, x, [h, w], 0..h / 2, &mut part.rows) };
                 } else {
                     part.v.resize(XI * tp, 0.0);
                     kernels::input(x, h, w, &mut part.v, tp, &mut part.rows);
@@ -345,6 +349,55 @@ impl WinogradConv {
                 let block = first + k * GROUP;
                 let channels = out.len() / (h * w);
                 self.run_group(block, channels, v, vs, tp, &bias[block * CO..], out, part);
+            }
+        });
+    }
+
+    /// [`Self::run_image`] for a convolution that keeps its `U` (a small one): each
+    /// thread part takes a band of rows of tiles through all three passes, with a V
+    /// and products of its own, so that no part reads what another wrote and the parts
+    /// meet once. Split by channels instead, two threads ran the shipped U-Net's
+    /// convolutions slower than one (V crossing between the cores, and a second
+    /// meeting).
+    fn run_bands(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        u: &[f32],
+        bias: &[f32],
+        parts: &mut [PartScratch],
+    ) {
+        let [h, w] = self.side;
+        let (cin, cout, th, tw) = (self.cin, self.cout, h / 2, w / 2);
+        let per = th.div_ceil(parts.len());
+        let out = Bands::new(out, cout, h * w);
+        let work = parts.iter_mut().enumerate().filter(|(p, _)| p * per < th);
+        op_threads::for_each(work, |(p, part)| {
+            let band = p * per..((p + 1) * per).min(th);
+            let tp = (band.len() * tw).next_multiple_of(LANE);
+            let vs = v_stride(cin, tp);
+            part.v.resize(XI * vs, 0.0);
+            let v = Panels::new(&mut part.v, cin, tp);
+            for (c, x) in x.chunks_exact(h * w).enumerate() {
+                // SAFETY: the panels are this part's own.
+                unsafe { v.transform(c, x, self.side, band.clone(), &mut part.rows) };
+            }
+            let (size, blocks) = (cin * CO, cout.div_ceil(CO));
+            let rows = 2 * band.len();
+            for first in (0..blocks).step_by(GROUP) {
+                let n = (blocks - first).min(GROUP);
+                part.m.resize(n * CO * XI * tp, 0.0);
+                for xi in 0..XI {
+                    let u = &u[(xi * blocks + first) * size..][..n * size];
+                    kernels::product(u, &part.v[xi * vs..][..cin * tp], xi, &mut part.m, cin, tp);
+                }
+                let channels = first * CO..((first + n) * CO).min(cout);
+                for (o, &bias) in channels.clone().zip(&bias[channels]) {
+                    let m = &part.m[(o - first * CO) * XI * tp..][..XI * tp];
+                    // SAFETY: the band's rows of channel `o` are this part's alone.
+                    let y = unsafe { out.rows(o, 2 * band.start * w, rows * w) };
+                    kernels::output(m, tp, rows, w, bias, y);
+                }
             }
         });
     }
@@ -480,15 +533,24 @@ impl<'a> Panels<'a> {
         }
     }
 
-    /// Input channel `c`'s transform, from its values `x` (`[h, w]`), written straight
-    /// into its rows of the panels ([`kernels::input_panels`]; `rows` is its room for
-    /// the column transforms). Only where [`kernels::panels_fit`] takes the width.
+    /// Input channel `c`'s transform over the rows of tiles `band`, from its values `x`
+    /// (`[h, w]`), written straight into its rows of the panels (the band's first tile
+    /// as tile 0; [`kernels::input_panels`], `rows` its room for the column
+    /// transforms). Only where [`kernels::panels_fit`] takes the width.
     ///
     /// # Safety
     /// No other thread may write the same channel meanwhile, nor read V.
-    unsafe fn transform(&self, c: usize, x: &[f32], h: usize, w: usize, rows: &mut Vec<f32>) {
+    unsafe fn transform(
+        &self,
+        c: usize,
+        x: &[f32],
+        [h, w]: [usize; 2],
+        band: std::ops::Range<usize>,
+        rows: &mut Vec<f32>,
+    ) {
         assert!(c < self.cin && x.len() == h * w && h.is_multiple_of(2));
-        assert!(kernels::panels_fit(w) && (h / 2) * (w / 2) <= self.tp);
+        assert!(band.start < band.end && band.end <= h / 2);
+        assert!(kernels::panels_fit(w) && band.len() * (w / 2) <= self.tp);
         let at = kernels::PanelAt {
             base: self.base,
             cin: self.cin,
@@ -496,7 +558,43 @@ impl<'a> Panels<'a> {
             xs: v_stride(self.cin, self.tp),
             c,
         };
-        kernels::input_panels(x, h, w, rows, at);
+        kernels::input_panels(x, [h, w], band, rows, at);
+    }
+}
+
+/// An image's output (`[cout][h · w]`) shared by the parts of
+/// [`WinogradConv::run_bands`], each writing its own band of rows of every channel.
+struct Bands<'a> {
+    base: *mut f32,
+    len: usize,
+    plane: usize,
+    out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the parts that share it write disjoint rows ([`Bands::rows`]).
+unsafe impl Send for Bands<'_> {}
+unsafe impl Sync for Bands<'_> {}
+
+impl<'a> Bands<'a> {
+    fn new(out: &'a mut [f32], channels: usize, plane: usize) -> Self {
+        assert!(out.len() == channels * plane);
+        Bands {
+            base: out.as_mut_ptr(),
+            len: out.len(),
+            plane,
+            out: std::marker::PhantomData,
+        }
+    }
+
+    /// Values `start .. start + len` of channel `o`.
+    ///
+    /// # Safety
+    /// No other thread may use the same values while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, o: usize, start: usize, len: usize) -> &mut [f32] {
+        let at = o * self.plane + start;
+        assert!(start + len <= self.plane && at + len <= self.len);
+        std::slice::from_raw_parts_mut(self.base.add(at), len)
     }
 }
 
@@ -710,21 +808,29 @@ mod kernels {
     }
 
     /// The input transform of one channel `x` (`[h, w]`, `w` taken by [`panels_fit`])
-    /// written straight into its rows of V's panels at `at`, 4 or 8 tiles to a vector:
-    /// first the column transforms `d B` of every padded row (into `rows`; each input
-    /// row once, where [`input`] makes each twice), read from the input without a
-    /// padded copy, then the row transforms `Bᵀ (d B)` of each row of tiles. The same
-    /// operations on the same values as [`input`], so the same bits.
+    /// over the rows of tiles `band` (tile `(ty, tx)` as tile `(ty − band.start) · w / 2
+    /// + tx`), written straight into its rows of V's panels at `at`, 4 or 8 tiles to a
+    /// vector: first the column transforms `d B` of the band's padded rows (into `rows`;
+    /// each input row once, where [`input`] makes each twice), read from the input
+    /// without a padded copy, then the row transforms `Bᵀ (d B)` of each row of tiles.
+    /// The same operations on the same values as [`input`], so the same bits.
     ///
     /// # Safety
-    /// `at` must describe V (see [`PanelAt::ptr`]) with `(h / 2) · (w / 2) ≤ tp`, and no
+    /// `at` must describe V (see [`PanelAt::ptr`]) with the band's tiles `≤ tp`, and no
     /// other thread may write channel `at.c` or read V meanwhile.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-    pub unsafe fn input_panels(x: &[f32], h: usize, w: usize, rows: &mut Vec<f32>, at: PanelAt) {
+    pub unsafe fn input_panels(
+        x: &[f32],
+        [h, w]: [usize; 2],
+        band: std::ops::Range<usize>,
+        rows: &mut Vec<f32>,
+        at: PanelAt,
+    ) {
         assert!(panels_fit(w) && h.is_multiple_of(2) && x.len() == h * w);
-        assert!(at.c < at.cin && (h / 2) * (w / 2) <= at.tp);
+        assert!(band.start < band.end && band.end <= h / 2);
+        assert!(at.c < at.cin && band.len() * (w / 2) <= at.tp);
         #[cfg(target_arch = "x86_64")]
-        x86::input_panels(x, h, w, rows, at);
+        x86::input_panels(x, [h, w], band, rows, at);
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no Winograd kernel off x86-64")
     }
@@ -863,28 +969,31 @@ mod kernels {
         #[target_feature(enable = "avx2,fma")]
         pub unsafe fn input_panels(
             x: &[f32],
-            h: usize,
-            w: usize,
+            [h, w]: [usize; 2],
+            band: std::ops::Range<usize>,
             rows: &mut Vec<f32>,
             at: super::PanelAt,
         ) {
             let tw = w / 2;
-            // The column transforms of the h + 2 padded rows, `[row][j][tw]`; the first
-            // and last (the zero padding) are zeros.
+            // The column transforms of the band's padded rows `2 · band.start ..= 2 ·
+            // band.end + 1`, `[row][j][tw]`; padded rows 0 and h + 1 (the zero padding)
+            // are zeros, padded row `r` is input row `r − 1`.
             let line = 4 * tw;
-            rows.resize((h + 2) * line, 0.0);
-            rows[..line].fill(0.0);
-            rows[(h + 1) * line..].fill(0.0);
+            let first = 2 * band.start;
+            let count = 2 * band.len() + 2;
+            rows.resize(count * line, 0.0);
             let (x, cols) = (x.as_ptr(), rows.as_mut_ptr());
-            for r in 0..h {
-                let (row, out) = (x.add(r * w), cols.add((r + 1) * line));
-                if tw.is_multiple_of(LANE) {
-                    columns8(row, out, tw);
+            for (k, padded) in (first..first + count).enumerate() {
+                let out = cols.add(k * line);
+                if padded == 0 || padded == h + 1 {
+                    std::ptr::write_bytes(out, 0, line);
+                } else if tw.is_multiple_of(LANE) {
+                    columns8(x.add((padded - 1) * w), out, tw);
                 } else {
-                    columns4(row, out, tw);
+                    columns4(x.add((padded - 1) * w), out, tw);
                 }
             }
-            for ty in 0..h / 2 {
+            for ty in 0..band.len() {
                 let d = cols.add(2 * ty * line);
                 if tw.is_multiple_of(LANE) {
                     rows8(d, tw, ty, at);
@@ -1296,10 +1405,38 @@ mod tests {
             let panels = Panels::new(&mut b, cin, tp);
             for (c, x) in x.chunks_exact(h * w).enumerate() {
                 // SAFETY: one thread.
-                unsafe { panels.transform(c, x, h, w, &mut rows) };
+                unsafe { panels.transform(c, x, [h, w], 0..h / 2, &mut rows) };
             }
             assert!(a.iter().any(|&v| v != 0.0));
             assert_eq!(bits(&a), bits(&b), "{h} x {w}, {cin} channels");
+            // Every band of rows of tiles: its tiles as the whole image's.
+            let (th, tw) = (h / 2, w / 2);
+            let at = |v: &[f32], tp: usize, xi: usize, c: usize, t: usize| {
+                let t0 = t / 16 * 16;
+                v[xi * v_stride(cin, tp) + cin * t0 + c * (tp - t0).min(16) + t - t0]
+            };
+            for start in 0..th {
+                for end in start + 1..=th {
+                    let tpb = ((end - start) * tw).next_multiple_of(LANE);
+                    let mut band = vec![0f32; XI * v_stride(cin, tpb)];
+                    let panels = Panels::new(&mut band, cin, tpb);
+                    for (c, x) in x.chunks_exact(h * w).enumerate() {
+                        // SAFETY: one thread.
+                        unsafe { panels.transform(c, x, [h, w], start..end, &mut rows) };
+                    }
+                    for (xi, c, t) in (0..XI).flat_map(|xi| {
+                        (0..cin).flat_map(move |c| (0..(end - start) * tw).map(move |t| (xi, c, t)))
+                    }) {
+                        let (got, want) =
+                            (at(&band, tpb, xi, c, t), at(&a, tp, xi, c, start * tw + t));
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{h} x {w}, tiles {start}..{end}"
+                        );
+                    }
+                }
+            }
         }
         // Rows of tiles off the multiples of 4 take the other path.
         assert!(!kernels::panels_fit(12) && !kernels::panels_fit(20) && !kernels::panels_fit(7));
@@ -1478,16 +1615,24 @@ mod tests {
 
     #[test]
     fn two_threads_give_the_bits_of_one() {
-        let x_shape = [1, 48, 32, 32];
-        let model = conv_model(x_shape, 50, [3, 3], (1, 1), 1, false).unwrap();
-        let ins = inputs(x_shape, 50, false);
-        let (alone, _) = run(&model, true, &ins);
-        let pool = tract_linalg::multithread::Executor::multithread(2);
-        let (split, _) = op_threads::scope(&pool, || {
-            assert_eq!(op_threads::threads(), 2);
-            run(&model, true, &ins)
-        });
-        assert_eq!(bits(&alone), bits(&split));
+        // Small kernels (`U` kept: bands of rows of tiles, the second of 5 a shorter
+        // one), and large ones (split by channels).
+        for (x_shape, cout) in [
+            ([1, 48, 32, 32], 50),
+            ([1, 16, 10, 8], 8),
+            ([1, 128, 8, 8], 128),
+        ] {
+            let model = conv_model(x_shape, cout, [3, 3], (1, 1), 1, false).unwrap();
+            let ins = inputs(x_shape, cout, false);
+            let (alone, replaced) = run(&model, true, &ins);
+            assert_eq!(replaced, usize::from(available()));
+            let pool = tract_linalg::multithread::Executor::multithread(2);
+            let (split, _) = op_threads::scope(&pool, || {
+                assert_eq!(op_threads::threads(), 2);
+                run(&model, true, &ins)
+            });
+            assert_eq!(bits(&alone), bits(&split), "{x_shape:?} → {cout}");
+        }
     }
 
     #[test]
