@@ -17,8 +17,11 @@
 //! this thread keeps its core busy for the whole call, also while tract runs its own
 //! operators.
 //!
-//! [`on_pool`] does the same for a large U-Net, whose matrix products tract splits
-//! itself: it runs the U-Net from a pool thread, with the helper spinning beside it.
+//! [`on_pool`] runs a U-Net call in such a scope from one of the pool's threads, with
+//! the helper spinning beside it: for a large U-Net, whose matrix products tract splits
+//! itself, and for a small one too (tract on one thread there): handed in from outside
+//! the pool, each operator's parts also woke the pool's idle thread, a third thread on
+//! two cores (lever 20 in `docs/PERFORMANCE.md`).
 //!
 //! Outside a scope, [`for_each`] uses tract's current executor (with a large U-Net,
 //! the pool tract's matrix products use), without the spinning.

@@ -200,8 +200,8 @@ impl Unet {
     /// states (from [`Self::state`]`(1)`), writing `out` (`n` outputs). One state: the
     /// images in turn on `executor`, run from one of its pool threads with another
     /// spinning for tract's parallel matrix products ([`crate::op_threads::on_pool`]); when the U-Net is too small for tract's threads to
-    /// pay ([`Self::threads_pay_at_batch_1`]), tract runs on one thread and `executor`
-    /// goes to esddpm's own operators only ([`crate::op_threads::scope`]). Several: contiguous runs of
+    /// pay ([`Self::threads_pay_at_batch_1`]), likewise, but tract runs on one thread and
+    /// `executor` goes to esddpm's own operators only. Several: contiguous runs of
     /// images on scoped OS threads, one state and one core each (tract's executor
     /// parallelises only the matrix products; whole images keep every core busy). The
     /// result is the same bits either way, and the same as each image run alone.
@@ -239,9 +239,11 @@ impl Unet {
                 });
             }
             // A small U-Net keeps tract on one thread and lends the pool to esddpm's
-            // own operators only (`op_threads`).
+            // own operators only (`op_threads`), also from a pool thread: from the
+            // caller's, each operator's parts were handed into the pool from outside,
+            // which woke its idle thread too (a third thread on two cores).
             let single = tract_linalg::multithread::Executor::SingleThread;
-            return crate::op_threads::scope(executor, || {
+            return crate::op_threads::on_pool(executor, move || {
                 for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
                     self.run_in(state, xi, t, oi, &single)?;
                 }
