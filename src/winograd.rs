@@ -1026,108 +1026,130 @@ mod kernels {
             )
         }
 
-        /// `d B` of one input row `x` (`2 tw` values) into `out` (`[j][tw]`), 8 tiles at
-        /// a time. Tile `tx` reads padded columns `2tx .. 2tx + 4`, input columns
-        /// `2tx − 1 .. 2tx + 3`: `a1`, `a2` are the evens and odds of the input from
-        /// `2tx`, `a0` the odds moved one tile right (the previous group's last, or the
-        /// left padding's zero, coming in), `a3` the evens moved one tile left (the next
-        /// group's first, or the right padding's zero).
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn columns8(x: *const f32, out: *mut f32, tw: usize) {
-            let right = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
-            let left = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
-            let zero = _mm256_setzero_ps();
-            let (mut last_odds, (mut evens, mut odds)) = (zero, split8(x));
-            for tx in (0..tw).step_by(LANE) {
-                let (next_evens, next_odds) = if tx + LANE < tw {
-                    split8(x.add(2 * (tx + LANE)))
-                } else {
-                    (zero, zero)
-                };
-                let a0 = _mm256_blend_ps::<0b0000_0001>(
-                    _mm256_permutevar8x32_ps(odds, right),
-                    _mm256_permutevar8x32_ps(last_odds, right),
-                );
-                let a3 = _mm256_blend_ps::<0b1000_0000>(
-                    _mm256_permutevar8x32_ps(evens, left),
-                    _mm256_permutevar8x32_ps(next_evens, left),
-                );
-                let (a1, a2) = (evens, odds);
-                _mm256_storeu_ps(out.add(tx), _mm256_sub_ps(a0, a2));
-                _mm256_storeu_ps(out.add(tw + tx), _mm256_add_ps(a1, a2));
-                _mm256_storeu_ps(out.add(2 * tw + tx), _mm256_sub_ps(a2, a1));
-                _mm256_storeu_ps(out.add(3 * tw + tx), _mm256_sub_ps(a1, a3));
-                (last_odds, evens, odds) = (odds, next_evens, next_odds);
-            }
+        /// Defines `$name(x, out, tw)`: `d B` of one input row `x` (`2 tw` values) into
+        /// `out` (`[j][tw]`), `$n` tiles to a vector (`$v`, with `$split` and the
+        /// intrinsics named after it). Tile `tx` reads padded columns `2tx .. 2tx + 4`,
+        /// input columns `2tx − 1 .. 2tx + 3`: `a1`, `a2` are the evens and odds of the
+        /// input from `2tx`, `a0` the odds moved one tile right by `$right` (the
+        /// previous group's last, or the left padding's zero, coming in), `a3` the evens
+        /// moved one tile left by `$left` (the next group's first, or the right
+        /// padding's zero).
+        macro_rules! columns {
+            ($name:ident, $n:expr, $v:ty, $split:ident, $zero:ident, $store:ident,
+             $add:ident, $sub:ident, $right:expr, $left:expr) => {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn $name(x: *const f32, out: *mut f32, tw: usize) {
+                    let (right, left) = ($right, $left);
+                    let zero: $v = $zero();
+                    let (mut last_odds, (mut evens, mut odds)) = (zero, $split(x));
+                    for tx in (0..tw).step_by($n) {
+                        let (next_evens, next_odds) = if tx + $n < tw {
+                            $split(x.add(2 * (tx + $n)))
+                        } else {
+                            (zero, zero)
+                        };
+                        let (a0, a3) = (right(odds, last_odds), left(evens, next_evens));
+                        let (a1, a2) = (evens, odds);
+                        $store(out.add(tx), $sub(a0, a2));
+                        $store(out.add(tw + tx), $add(a1, a2));
+                        $store(out.add(2 * tw + tx), $sub(a2, a1));
+                        $store(out.add(3 * tw + tx), $sub(a1, a3));
+                        (last_odds, evens, odds) = (odds, next_evens, next_odds);
+                    }
+                }
+            };
         }
 
-        /// [`columns8`], 4 tiles at a time.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn columns4(x: *const f32, out: *mut f32, tw: usize) {
-            // `b`'s last value, then `a`'s first three; `a`'s last three, then `b`'s first.
-            let after = |a: __m128, b: __m128| {
+        columns!(
+            columns8,
+            LANE,
+            __m256,
+            split8,
+            _mm256_setzero_ps,
+            _mm256_storeu_ps,
+            _mm256_add_ps,
+            _mm256_sub_ps,
+            // `b`'s last value, then `a`'s first seven; `a`'s last seven, then `b`'s
+            // first.
+            |a: __m256, b: __m256| {
+                let i = _mm256_setr_epi32(7, 0, 1, 2, 3, 4, 5, 6);
+                _mm256_blend_ps::<0b0000_0001>(
+                    _mm256_permutevar8x32_ps(a, i),
+                    _mm256_permutevar8x32_ps(b, i),
+                )
+            },
+            |a: __m256, b: __m256| {
+                let i = _mm256_setr_epi32(1, 2, 3, 4, 5, 6, 7, 0);
+                _mm256_blend_ps::<0b1000_0000>(
+                    _mm256_permutevar8x32_ps(a, i),
+                    _mm256_permutevar8x32_ps(b, i),
+                )
+            }
+        );
+
+        columns!(
+            columns4,
+            4,
+            __m128,
+            split4,
+            _mm_setzero_ps,
+            _mm_storeu_ps,
+            _mm_add_ps,
+            _mm_sub_ps,
+            // `b`'s last value, then `a`'s first three; `a`'s last three, then `b`'s
+            // first.
+            |a: __m128, b: __m128| {
                 _mm_castsi128_ps(_mm_alignr_epi8::<12>(
                     _mm_castps_si128(a),
                     _mm_castps_si128(b),
                 ))
-            };
-            let before = |a: __m128, b: __m128| {
+            },
+            |a: __m128, b: __m128| {
                 _mm_castsi128_ps(_mm_alignr_epi8::<4>(
                     _mm_castps_si128(b),
                     _mm_castps_si128(a),
                 ))
+            }
+        );
+
+        /// Defines `$name(d, tw, ty, at)`: `Bᵀ (d B)` of tile row `ty` from `d` (the
+        /// column transforms of its 4 padded rows, `[i][j][tw]`) into the panels, `$n`
+        /// tiles to a vector (the intrinsics named).
+        macro_rules! rows {
+            ($name:ident, $n:expr, $load:ident, $store:ident, $add:ident, $sub:ident) => {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn $name(d: *const f32, tw: usize, ty: usize, at: super::PanelAt) {
+                    for tx in (0..tw).step_by($n) {
+                        let p = at.ptr(0, ty * tw + tx);
+                        for j in 0..4 {
+                            let ld = |i: usize| $load(d.add((i * 4 + j) * tw + tx));
+                            let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
+                            $store(p.add(j * at.xs), $sub(d0, d2));
+                            $store(p.add((4 + j) * at.xs), $add(d1, d2));
+                            $store(p.add((8 + j) * at.xs), $sub(d2, d1));
+                            $store(p.add((12 + j) * at.xs), $sub(d1, d3));
+                        }
+                    }
+                }
             };
-            let zero = _mm_setzero_ps();
-            let (mut last_odds, (mut evens, mut odds)) = (zero, split4(x));
-            for tx in (0..tw).step_by(4) {
-                let (next_evens, next_odds) = if tx + 4 < tw {
-                    split4(x.add(2 * (tx + 4)))
-                } else {
-                    (zero, zero)
-                };
-                let a0 = after(odds, last_odds);
-                let a3 = before(evens, next_evens);
-                let (a1, a2) = (evens, odds);
-                _mm_storeu_ps(out.add(tx), _mm_sub_ps(a0, a2));
-                _mm_storeu_ps(out.add(tw + tx), _mm_add_ps(a1, a2));
-                _mm_storeu_ps(out.add(2 * tw + tx), _mm_sub_ps(a2, a1));
-                _mm_storeu_ps(out.add(3 * tw + tx), _mm_sub_ps(a1, a3));
-                (last_odds, evens, odds) = (odds, next_evens, next_odds);
-            }
         }
 
-        /// `Bᵀ (d B)` of tile row `ty` from `d` (the column transforms of its 4 padded
-        /// rows, `[i][j][tw]`) into the panels, 8 tiles at a time.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn rows8(d: *const f32, tw: usize, ty: usize, at: super::PanelAt) {
-            for tx in (0..tw).step_by(LANE) {
-                let p = at.ptr(0, ty * tw + tx);
-                for j in 0..4 {
-                    let ld = |i: usize| _mm256_loadu_ps(d.add((i * 4 + j) * tw + tx));
-                    let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
-                    _mm256_storeu_ps(p.add(j * at.xs), _mm256_sub_ps(d0, d2));
-                    _mm256_storeu_ps(p.add((4 + j) * at.xs), _mm256_add_ps(d1, d2));
-                    _mm256_storeu_ps(p.add((8 + j) * at.xs), _mm256_sub_ps(d2, d1));
-                    _mm256_storeu_ps(p.add((12 + j) * at.xs), _mm256_sub_ps(d1, d3));
-                }
-            }
-        }
-
-        /// [`rows8`], 4 tiles at a time.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn rows4(d: *const f32, tw: usize, ty: usize, at: super::PanelAt) {
-            for tx in (0..tw).step_by(4) {
-                let p = at.ptr(0, ty * tw + tx);
-                for j in 0..4 {
-                    let ld = |i: usize| _mm_loadu_ps(d.add((i * 4 + j) * tw + tx));
-                    let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
-                    _mm_storeu_ps(p.add(j * at.xs), _mm_sub_ps(d0, d2));
-                    _mm_storeu_ps(p.add((4 + j) * at.xs), _mm_add_ps(d1, d2));
-                    _mm_storeu_ps(p.add((8 + j) * at.xs), _mm_sub_ps(d2, d1));
-                    _mm_storeu_ps(p.add((12 + j) * at.xs), _mm_sub_ps(d1, d3));
-                }
-            }
-        }
+        rows!(
+            rows8,
+            LANE,
+            _mm256_loadu_ps,
+            _mm256_storeu_ps,
+            _mm256_add_ps,
+            _mm256_sub_ps
+        );
+        rows!(
+            rows4,
+            4,
+            _mm_loadu_ps,
+            _mm_storeu_ps,
+            _mm_add_ps,
+            _mm_sub_ps
+        );
 
         /// [`super::filters`]: 8 values at a time, the rest one by one.
         #[target_feature(enable = "avx2,fma")]
