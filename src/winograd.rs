@@ -488,28 +488,54 @@ fn v_stride(cin: usize, tp: usize) -> usize {
     cin * tp + PAD
 }
 
-/// V (`[ξ][tp / 16][cin][16]`, positions [`v_stride`] apart: for each position, the
-/// tiles in panels of 16, the last 8 wide where `tp` is not a multiple of 16) shared by
-/// the input transform's parts, borrowed mutably for as long as it lives.
-struct Panels<'a> {
+/// A buffer that the parts of one run share, each writing values no other part
+/// touches, borrowed mutably for as long as it lives.
+struct Shared<'a> {
     base: *mut f32,
-    cin: usize,
-    tp: usize,
-    v: std::marker::PhantomData<&'a mut [f32]>,
+    len: usize,
+    buffer: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: the parts that share it write disjoint input channels ([`Panels::store`]).
-unsafe impl Send for Panels<'_> {}
-unsafe impl Sync for Panels<'_> {}
+// SAFETY: its users write disjoint values ([`Shared::values`]).
+unsafe impl Send for Shared<'_> {}
+unsafe impl Sync for Shared<'_> {}
+
+impl<'a> Shared<'a> {
+    fn new(buffer: &'a mut [f32]) -> Self {
+        Shared {
+            base: buffer.as_mut_ptr(),
+            len: buffer.len(),
+            buffer: std::marker::PhantomData,
+        }
+    }
+
+    /// Values `start .. start + len`.
+    ///
+    /// # Safety
+    /// No other thread may use the same values while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn values(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start <= self.len && len <= self.len - start);
+        std::slice::from_raw_parts_mut(self.base.add(start), len)
+    }
+}
+
+/// V (`[ξ][tp / 16][cin][16]`, positions [`v_stride`] apart: for each position, the
+/// tiles in panels of 16, the last 8 wide where `tp` is not a multiple of 16) shared by
+/// the input transform's parts, each writing its own input channels.
+struct Panels<'a> {
+    v: Shared<'a>,
+    cin: usize,
+    tp: usize,
+}
 
 impl<'a> Panels<'a> {
     fn new(v: &'a mut [f32], cin: usize, tp: usize) -> Self {
         assert!(v.len() >= XI * v_stride(cin, tp) && tp.is_multiple_of(LANE));
         Panels {
-            base: v.as_mut_ptr(),
+            v: Shared::new(v),
             cin,
             tp,
-            v: std::marker::PhantomData,
         }
     }
 
@@ -525,8 +551,8 @@ impl<'a> Panels<'a> {
             while t0 < tp {
                 let width = (tp - t0).min(2 * LANE);
                 let at = xi * v_stride(cin, tp) + cin * t0 + c * width;
-                // SAFETY: `at + width <= XI · v_stride`, the length checked in `new`.
-                let row = std::slice::from_raw_parts_mut(self.base.add(at), width);
+                // SAFETY: channel `c`'s values, this caller's alone.
+                let row = self.v.values(at, width);
                 row.copy_from_slice(&values[t0..t0 + width]);
                 t0 += width;
             }
@@ -552,7 +578,7 @@ impl<'a> Panels<'a> {
         assert!(band.start < band.end && band.end <= h / 2);
         assert!(kernels::panels_fit(w) && band.len() * (w / 2) <= self.tp);
         let at = kernels::PanelAt {
-            base: self.base,
+            base: self.v.base,
             cin: self.cin,
             tp: self.tp,
             xs: v_stride(self.cin, self.tp),
@@ -565,24 +591,16 @@ impl<'a> Panels<'a> {
 /// An image's output (`[cout][h · w]`) shared by the parts of
 /// [`WinogradConv::run_bands`], each writing its own band of rows of every channel.
 struct Bands<'a> {
-    base: *mut f32,
-    len: usize,
+    out: Shared<'a>,
     plane: usize,
-    out: std::marker::PhantomData<&'a mut [f32]>,
 }
-
-// SAFETY: the parts that share it write disjoint rows ([`Bands::rows`]).
-unsafe impl Send for Bands<'_> {}
-unsafe impl Sync for Bands<'_> {}
 
 impl<'a> Bands<'a> {
     fn new(out: &'a mut [f32], channels: usize, plane: usize) -> Self {
         assert!(out.len() == channels * plane);
         Bands {
-            base: out.as_mut_ptr(),
-            len: out.len(),
+            out: Shared::new(out),
             plane,
-            out: std::marker::PhantomData,
         }
     }
 
@@ -592,9 +610,8 @@ impl<'a> Bands<'a> {
     /// No other thread may use the same values while the slice lives.
     #[allow(clippy::mut_from_ref)]
     unsafe fn rows(&self, o: usize, start: usize, len: usize) -> &mut [f32] {
-        let at = o * self.plane + start;
-        assert!(start + len <= self.plane && at + len <= self.len);
-        std::slice::from_raw_parts_mut(self.base.add(at), len)
+        assert!(start + len <= self.plane);
+        self.out.values(o * self.plane + start, len)
     }
 }
 
