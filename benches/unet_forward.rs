@@ -39,8 +39,8 @@
 //! group norm in place (`esddpm::group_norm`), to measure what the fused op gains;
 //! `--attention off` likewise tract's attention (`esddpm::attention`),
 //! `--pointwise off` tract's 1 × 1 convolutions (`esddpm::pointwise_conv`),
-//! `--winograd off` tract's 3 × 3 convolutions of 8 × 8 maps or more
-//! (`esddpm::winograd`), `--winograd large` Winograd on the maps of 32 × 32 or more only
+//! `--winograd off` leaves the 3 × 3 convolutions of 8 × 8 maps or more to the direct
+//! kernels and tract (`esddpm::winograd`), `--winograd large` Winograd on the maps of 32 × 32 or more only
 //! (the default before the nineteenth lever), and `--winograd all` on every map, 4 × 4
 //! and 2 × 2 too.
 //!
@@ -477,8 +477,8 @@ fn profile(a: &Args) -> Res<Value> {
     // `--group-norm off`: esddpm's plan without the fused group norms.
     // `--attention off`: esddpm's plan without the fused attention.
     // `--pointwise off`: esddpm's plan with tract's 1 × 1 convolutions.
-    // `--winograd off`: esddpm's plan with tract's 3 × 3 convolutions of 32+ input
-    // channels; `large`: Winograd on maps of 32 × 32 or more only; `all`: on every map.
+    // `--winograd off`: esddpm's plan with the 3 × 3 convolutions Winograd takes left
+    // to the direct kernels and tract; `large`: Winograd on maps of 32 × 32 or more only; `all`: on every map.
     let rewrite = a.opts.get("rewrite").map(String::as_str).unwrap_or("all");
     let mut policy = Policy::default();
     let fuse_norms = match a.opts.get("group-norm").map(String::as_str) {

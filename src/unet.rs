@@ -229,23 +229,20 @@ impl Unet {
             });
         }
         if let [state] = states {
-            if self.threads_pay_at_batch_1() {
-                // From a pool thread, with one helper spinning (`op_threads::on_pool`).
-                return crate::op_threads::on_pool(executor, move || {
-                    for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
-                        self.run_in(state, xi, t, oi, executor)?;
-                    }
-                    Ok(())
-                });
-            }
-            // A small U-Net keeps tract on one thread and lends the pool to esddpm's
-            // own operators only (`op_threads`), also from a pool thread: from the
-            // caller's, each operator's parts were handed into the pool from outside,
-            // which woke its idle thread too (a third thread on two cores).
+            // From a pool thread, with one helper spinning (`op_threads::on_pool`). A
+            // small U-Net keeps tract on one thread and lends the pool to esddpm's own
+            // operators only; it too runs from a pool thread: from the caller's, each
+            // operator's parts were handed into the pool from outside, which woke its
+            // idle thread too (a third thread on two cores).
             let single = tract_linalg::multithread::Executor::SingleThread;
+            let tract = if self.threads_pay_at_batch_1() {
+                executor
+            } else {
+                &single
+            };
             return crate::op_threads::on_pool(executor, move || {
                 for (xi, oi) in x.chunks(il).zip(out.chunks_mut(ol)) {
-                    self.run_in(state, xi, t, oi, &single)?;
+                    self.run_in(state, xi, t, oi, tract)?;
                 }
                 Ok(())
             });

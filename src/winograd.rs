@@ -404,8 +404,7 @@ impl WinogradConv {
 
     /// Output channels `6 · block ..` (`channels` of them, at most [`GROUP`] blocks) of
     /// one image into `out`, from `v` (all of V, in panels, positions `vs` apart): `U`
-    /// of the group's blocks,
-    /// the 16 products `M_ξ = U_ξ V_ξ` for them, and the output transform plus `bias`.
+    /// of the group's blocks, the 16 products `M_ξ = U_ξ V_ξ` for them, and the output transform plus `bias`.
     #[allow(clippy::too_many_arguments)]
     fn run_group(
         &self,
@@ -447,8 +446,8 @@ impl WinogradConv {
 /// this, 16/9 of the kernels' memory more buys each run its filter transforms, which
 /// cost the most beside the products on small maps (on the 8 × 8 ones, 16 tiles per
 /// kernel). The shipped Fashion-MNIST U-Net's convolutions all keep theirs (at most
-/// 540 KB, 4.1 MB in all, for 2.6 MB of weights); the cifar-size U-Net's, 1.1-8.5 MB each, make theirs as
-/// they run.
+/// 540 KB, 4.1 MB in all, for 2.6 MB of weights); the cifar-size U-Net's, 1.1-8.5 MB
+/// each, make theirs as they run.
 pub const STORED_U_MAX: usize = 1 << 20;
 
 /// Blocks of output channels whose `U` is made at once: the products reuse each panel
@@ -486,6 +485,16 @@ fn arrange(g: &mut [f32], cin: usize) {
 /// transform's stores of a tile met in one cache set).
 fn v_stride(cin: usize, tp: usize) -> usize {
     cin * tp + PAD
+}
+
+/// Where tile `t` of input channel `c` at position `xi` lies in V (`[ξ][tp / 16][cin]
+/// [16]`, positions `xs` apart, the last panel 8 wide where `tp` is not a multiple of
+/// 16): the tiles after it in its panel follow it.
+#[inline(always)]
+fn panel_index(cin: usize, tp: usize, xs: usize, xi: usize, c: usize, t: usize) -> usize {
+    let t0 = t & !(2 * LANE - 1);
+    let width = (tp - t0).min(2 * LANE);
+    xi * xs + cin * t0 + c * width + (t - t0)
 }
 
 /// A buffer that the parts of one run share, each writing values no other part
@@ -550,7 +559,7 @@ impl<'a> Panels<'a> {
             let mut t0 = 0;
             while t0 < tp {
                 let width = (tp - t0).min(2 * LANE);
-                let at = xi * v_stride(cin, tp) + cin * t0 + c * width;
+                let at = panel_index(cin, tp, v_stride(cin, tp), xi, c, t0);
                 // SAFETY: channel `c`'s values, this caller's alone.
                 let row = self.v.values(at, width);
                 row.copy_from_slice(&values[t0..t0 + width]);
@@ -817,9 +826,7 @@ mod kernels {
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         #[inline(always)]
         unsafe fn ptr(self, xi: usize, t: usize) -> *mut f32 {
-            let t0 = t & !(2 * LANE - 1);
-            let width = (self.tp - t0).min(2 * LANE);
-            let at = xi * self.xs + self.cin * t0 + self.c * width + (t - t0);
+            let at = super::panel_index(self.cin, self.tp, self.xs, xi, self.c, t);
             self.base.add(at)
         }
     }
@@ -1352,12 +1359,7 @@ mod tests {
         let outs = plan
             .run(inputs.iter().map(|t| t.clone().into_tvalue()).collect())
             .unwrap();
-        outs.iter()
-            .map(|y| {
-                let y = y.try_as_plain_ram().unwrap();
-                y.as_slice::<f32>().unwrap().to_vec()
-            })
-            .collect()
+        outs.iter().map(|y| f32s(y).to_vec()).collect()
     }
 
     /// Runs `model` optimised, with or without the Winograd convolutions; returns the
@@ -1379,6 +1381,11 @@ mod tests {
             inputs.push(tensor1(&values(cout, 9)));
         }
         inputs
+    }
+
+    /// The values of an f32 tensor in plain memory.
+    fn f32s(t: &Tensor) -> &[f32] {
+        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap()
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
@@ -1451,8 +1458,7 @@ mod tests {
             // Every band of rows of tiles: its tiles as the whole image's.
             let (th, tw) = (h / 2, w / 2);
             let at = |v: &[f32], tp: usize, xi: usize, c: usize, t: usize| {
-                let t0 = t / 16 * 16;
-                v[xi * v_stride(cin, tp) + cin * t0 + c * (tp - t0).min(16) + t - t0]
+                v[panel_index(cin, tp, v_stride(cin, tp), xi, c, t)]
             };
             for start in 0..th {
                 for end in start + 1..=th {
@@ -1498,7 +1504,7 @@ mod tests {
         let x = Tensor::from_shape(&[2, cin, 8, 16], &values(2 * cin * 128, 6)).unwrap();
         let run = |op: &WinogradConv| {
             let y = op.run(&[x.clone().into_tvalue()]).unwrap();
-            bits(y.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap())
+            bits(f32s(&y))
         };
         assert_eq!(run(&kept), run(&made));
         // A large one makes its U as it runs.
@@ -1566,12 +1572,7 @@ mod tests {
         let conv = model.output_outlets().unwrap()[0].node;
         let w = model.node(conv).inputs[1];
         let original = model.outlet_fact(w).unwrap().konst.clone().unwrap();
-        let at = original
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .as_ptr();
+        let at = f32s(&original).as_ptr();
         drop(original);
         // A second convolution of the first's output with the same kernel (a model of
         // its own: a clone of `model` would share its kernel).
@@ -1601,13 +1602,7 @@ mod tests {
         let mut exposed = conv_model(x_shape, 32, [3, 3], (1, 1), 1, false).unwrap();
         let y = exposed.output_outlets().unwrap()[0];
         let w = exposed.node(y.node).inputs[1];
-        let kernel = exposed.outlet_fact(w).unwrap().konst.clone().unwrap();
-        let kernel = kernel
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec();
+        let kernel = f32s(&exposed.outlet_fact(w).unwrap().konst.clone().unwrap()).to_vec();
         exposed.select_output_outlets(&[y, w]).unwrap();
         assert_eq!(use_winograd(&mut exposed).unwrap(), 1);
         let got = run_plan(exposed, &ins).remove(1);
@@ -1719,7 +1714,6 @@ mod tests {
         assert!(dynamic.run(&[x.clone(), five]).is_err());
         let one = tensor1(&[2f32]).into_tvalue();
         let y = dynamic.run(&[x, one]).unwrap();
-        let y = y.try_as_plain_ram().unwrap();
-        assert!(y.as_slice::<f32>().unwrap().iter().all(|&v| v == 2.0));
+        assert!(f32s(&y).iter().all(|&v| v == 2.0));
     }
 }
