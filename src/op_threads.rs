@@ -15,7 +15,8 @@
 //! scope (one U-Net call) one other thread of the pool ([`SPINNING_HELPERS`]) is kept
 //! awake, spinning, and takes its part as soon as it is handed over. The price is that
 //! this thread keeps its core busy for the whole call, also while tract runs its own
-//! operators.
+//! operators. The parts go over through a slot of esddpm's own that the helper polls,
+//! not through rayon's queues, whose hand-over cost 2-7 µs more per split (lever 21).
 //!
 //! [`on_pool`] runs a U-Net call in such a scope from one of the pool's threads, with
 //! the helper spinning beside it: for a large U-Net, whose matrix products tract splits
@@ -26,15 +27,28 @@
 //! Outside a scope, [`for_each`] uses tract's current executor (with a large U-Net,
 //! the pool tract's matrix products use), without the spinning.
 
+mod handoff;
+
+use handoff::Handoff;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
+/// What [`scope`] lends to esddpm's operators on its thread.
+#[derive(Clone)]
+struct Lent {
+    /// The executor.
+    executor: Executor,
+    /// How many threads the operators split their work across.
+    threads: usize,
+    /// The slot the spinning helper polls, when there is one.
+    handoff: Option<Arc<Handoff>>,
+}
+
 thread_local! {
-    /// The executor lent by [`scope`] on this thread and how many of its threads
-    /// esddpm's operators use, if any.
-    static LENT: RefCell<Option<(Executor, usize)>> = const { RefCell::new(None) };
+    /// What [`scope`] lent on this thread, if anything.
+    static LENT: RefCell<Option<Lent>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `executor` lent to esddpm's operators on this thread (tract's own
@@ -46,20 +60,34 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
         _ => 0,
     }
     .min(SPINNING_HELPERS);
-    let previous = LENT.replace(Some((executor.clone(), 1 + helpers)));
+    let handoff = (helpers > 0).then(|| Arc::new(Handoff::default()));
+    let previous = LENT.replace(Some(Lent {
+        executor: executor.clone(),
+        threads: 1 + helpers,
+        handoff: handoff.clone(),
+    }));
     let awake = Arc::new(AtomicBool::new(true));
     // Inside `on_pool` this thread is one of the pool's: should it pick the helper's
     // job up itself (while waiting in a join), the helper returns at once.
     let owner = rayon::current_thread_index();
-    if let Executor::MultiThread(pool) = executor {
+    if let (Executor::MultiThread(pool), Some(handoff)) = (executor, &handoff) {
         for _ in 0..helpers {
-            let awake = awake.clone();
+            let (awake, handoff) = (awake.clone(), handoff.clone());
             pool.spawn(move || {
                 if owner.is_some() && rayon::current_thread_index() == owner {
                     return;
                 }
+                // esddpm's parts as soon as they are posted; tract's rayon jobs (a
+                // large U-Net's matrix products) every few polls.
+                let mut polls = 0u32;
                 while awake.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    if handoff.poll() {
+                        continue;
+                    }
+                    polls = polls.wrapping_add(1);
+                    if !polls.is_multiple_of(RAYON_EVERY)
+                        || rayon::yield_now() != Some(rayon::Yield::Executed)
+                    {
                         std::hint::spin_loop();
                     }
                 }
@@ -67,7 +95,7 @@ pub fn scope<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
         }
     }
     // Restored on the way out, also when `f` unwinds.
-    struct Restore(Option<(Executor, usize)>, Arc<AtomicBool>);
+    struct Restore(Option<Lent>, Arc<AtomicBool>);
     impl Drop for Restore {
         fn drop(&mut self) {
             self.1.store(false, Ordering::Release);
@@ -98,9 +126,13 @@ pub fn on_pool<R: Send>(executor: &Executor, f: impl FnOnce() -> R + Send) -> R 
 /// than burn their cores for gains not measured.
 pub const SPINNING_HELPERS: usize = 1;
 
+/// The spinning helper looks for tract's rayon jobs once in this many polls of
+/// esddpm's hand-over slot (a look at rayon's queues costs more than a poll).
+const RAYON_EVERY: u32 = 8;
+
 /// The executor esddpm's operators use here: the one [`scope`] lent, else tract's.
 fn executor() -> Executor {
-    LENT.with_borrow(|lent| lent.as_ref().map(|(e, _)| e.clone()))
+    LENT.with_borrow(|lent| lent.as_ref().map(|l| l.executor.clone()))
         .unwrap_or_else(current_tract_executor)
 }
 
@@ -108,7 +140,7 @@ fn executor() -> Executor {
 /// [`scope`], the calling thread and its spinning helpers; outside one, the size of
 /// tract's current pool (1 without one).
 pub fn threads() -> usize {
-    if let Some(n) = LENT.with_borrow(|lent| lent.as_ref().map(|(_, n)| *n)) {
+    if let Some(n) = LENT.with_borrow(|lent| lent.as_ref().map(|l| l.threads)) {
         return n;
     }
     match current_tract_executor() {
@@ -117,8 +149,10 @@ pub fn threads() -> usize {
     }
 }
 
-/// Calls `f(item)` for each item: at once on the pool where there is one (one task
-/// per item), else in order on this thread. `f` must not depend on the order.
+/// Calls `f(item)` for each item: in a [`scope`] with a spinning helper, on this
+/// thread and the helper through their hand-over slot (lever 21); else at once on
+/// the pool where there is one (one task per item), else in order on this thread. `f`
+/// must not depend on the order.
 pub fn for_each<I>(items: I, f: impl Fn(I::Item) + Sync)
 where
     I: IntoIterator,
@@ -126,6 +160,9 @@ where
     I::Item: Send,
 {
     let items = items.into_iter();
+    if let Some(handoff) = LENT.with_borrow(|lent| lent.as_ref().and_then(|l| l.handoff.clone())) {
+        return handoff.for_each(items, &f);
+    }
     match executor() {
         // The first item on this thread, the others handed to the pool meanwhile.
         Executor::MultiThread(pool) => pool.in_place_scope(|s| {
@@ -146,6 +183,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::panic::AssertUnwindSafe;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -185,6 +223,50 @@ mod tests {
             on_pool(&Executor::multithread(1), rayon::current_thread_index),
             None
         );
+    }
+
+    #[test]
+    fn a_part_that_panics_panics_the_caller_and_the_scope_goes_on() {
+        on_pool(&Executor::multithread(2), || {
+            for panicking in 0..2 {
+                let ran = AtomicUsize::new(0);
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    for_each(0..2, |p| {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        ran.fetch_add(1, Ordering::Relaxed);
+                        assert!(p != panicking, "part {p} panics");
+                    })
+                }));
+                let message = result.expect_err("the part's panic was lost");
+                assert_eq!(
+                    message.downcast_ref::<String>().map(String::as_str),
+                    Some(format!("part {panicking} panics").as_str())
+                );
+                assert_eq!(ran.into_inner(), 2);
+            }
+            // The slot is free again: both threads take parts.
+            let ids = Mutex::new(std::collections::HashSet::new());
+            for_each(0..8, |_| {
+                ids.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            });
+            assert_eq!(ids.into_inner().unwrap().len(), 2);
+        });
+    }
+
+    #[test]
+    fn a_part_that_splits_its_own_work_finishes() {
+        let sum = AtomicUsize::new(0);
+        on_pool(&Executor::multithread(2), || {
+            for _ in 0..200 {
+                for_each(0..3, |p| {
+                    for_each(0..3, |q| {
+                        sum.fetch_add(10 * p + q, Ordering::Relaxed);
+                    })
+                });
+            }
+        });
+        assert_eq!(sum.into_inner(), 200 * (10 * 3 * 3 + 3 * 3));
     }
 
     #[test]
