@@ -286,7 +286,9 @@ impl WinogradConv {
         );
         let input = c_order_f32(x)?;
         let n = shape[0];
-        let mut y = Tensor::zero::<f32>(&[n, self.cout, h, w])?;
+        // SAFETY: f32 has no invalid values, and the output transform writes every
+        // value (each output channel's rows of tiles are one part's).
+        let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.cout, h, w])? };
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -386,7 +388,7 @@ impl WinogradConv {
             let rows = 2 * band.len();
             for first in (0..blocks).step_by(GROUP) {
                 let n = (blocks - first).min(GROUP);
-                part.m.resize(n * CO * XI * tp, 0.0);
+                grow(&mut part.m, n * CO * XI * tp);
                 for xi in 0..XI {
                     let u = &u[(xi * blocks + first) * size..][..n * size];
                     kernels::product(u, &part.v[xi * vs..][..cin * tp], xi, &mut part.m, cin, tp);
@@ -421,12 +423,12 @@ impl WinogradConv {
         let cin = self.cin;
         let blocks = channels.div_ceil(CO);
         let size = cin * CO;
-        part.m.resize(blocks * CO * XI * tp, 0.0);
+        grow(&mut part.m, blocks * CO * XI * tp);
         let (u, stride) = match &self.u {
             Some(u) => (&u[block * size..], self.cout.div_ceil(CO) * size),
             None => {
                 let stride = blocks * size + PAD;
-                part.u.resize(XI * stride, 0.0);
+                grow(&mut part.u, XI * stride);
                 self.filters(block, blocks, &mut part.u, stride);
                 (&part.u[..], stride)
             }
@@ -439,6 +441,15 @@ impl WinogradConv {
             let m = &part.m[o * XI * tp..][..XI * tp];
             kernels::output(m, tp, h, w, bias[o], out);
         }
+    }
+}
+
+/// Makes `buffer` at least `len` long. Buffers whose use varies in length within a
+/// run (the last group of output channels is smaller) only grow, so that they are not
+/// refilled with zeros on every run; their users read only what they wrote.
+fn grow(buffer: &mut Vec<f32>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
     }
 }
 
