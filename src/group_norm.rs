@@ -20,8 +20,11 @@
 //!
 //! The variance is computed in a second pass over the group (which is in cache), as
 //! tract's decomposition does, so it stays exact for values far from zero. The SiLU is
-//! tract's own kernel (`tract_linalg`'s `Silu`), so only the normalisation's rounding
-//! differs from tract's.
+//! tract's own kernel (`tract_linalg`'s `Silu`), applied to each group as soon as it is
+//! normalised, so only the normalisation's rounding differs from tract's. From
+//! [`SPLIT_MIN_VALUES`] values up, the groups are split across esddpm's operator
+//! threads ([`crate::op_threads`]; lever 21 in `docs/PERFORMANCE.md`): each group is
+//! computed alike wherever it runs, so the bits do not depend on the thread count.
 //!
 //! [`fuse_group_norms`] finds tract's decomposition in a decluttered model (before
 //! `optimize`) and swaps it for the op. It matches only the exact pattern (constant γ
@@ -164,9 +167,10 @@ impl GroupNorm {
     }
 }
 
-/// The fewest values of a group norm split across threads: on the shipped U-Net the
-/// 8 × 8 maps' (4 K values) ran as fast on one thread (lever 21).
-const SPLIT_MIN_VALUES: usize = 8192;
+/// The fewest values of a group norm split across threads. Splitting the shipped
+/// U-Net's smallest ones too (the 8 × 8 maps', 4 K values) made its forward no faster
+/// (lever 21), and a split is not free.
+pub const SPLIT_MIN_VALUES: usize = 8192;
 
 /// tract's SiLU kernel for this CPU, made once.
 fn silu_kernel() -> TractResult<&'static dyn tract_linalg::element_wise::ElementWise<f32>> {
