@@ -2,13 +2,14 @@
 //! [`scope`](super::scope) (lever 21 in `docs/PERFORMANCE.md`).
 //!
 //! Handed over through rayon (a scope, a spawned job the helper steals from the
-//! caller's deque, a latch), a split into two parts cost 2-7 µs more than the parts
-//! on the 2-core VM this was measured on: more than the half of a small U-Net's
-//! convolution that the helper takes over. Here the caller puts its parts in a list on
-//! its stack and one pointer to it in a slot ([`Handoff`]) that the helper polls; both
-//! threads then take parts from the list by an atomic counter, and the caller waits
-//! for the helper only if the helper took the list. The same parts run through the
-//! same function either way, so the results are the same bits.
+//! caller's deque, a latch), a split into two parts cost 1.2-13 µs beyond the parts
+//! on the 2-core VM this was measured on, as much as the half of a small U-Net's
+//! convolution that the helper takes over; through this slot, 0.4-1.8 µs. Here the
+//! caller puts its parts in a list on its stack and one pointer to it in a slot
+//! ([`Handoff`]) that the helper polls; both threads then take parts from the list by
+//! an atomic counter, and the caller waits for the helper only if the helper took the
+//! list. The same parts run through the same function either way, so the results are
+//! the same bits.
 
 use std::any::Any;
 use std::cell::UnsafeCell;
