@@ -13,6 +13,7 @@
 //!     [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all]
 //! cargo bench --bench unet_forward -- e2e FOLDER MODE BATCH THREADS ROUNDS
 //!     MODE: es-ddpm100 | es-ddim10 | ddpm1000
+//! cargo bench --bench unet_forward -- split [WORK_US ...] [--reps N] [--rounds R]
 //! ```
 //!
 //! `forward`: loads MODEL through esddpm's public API (`OnnxModel::from_path`,
@@ -48,6 +49,14 @@
 //! default prior at `T' = 100` with 100 DDPM steps (`es-ddpm100`) or 10 DDIM steps
 //! (`es-ddim10`), or 1000 DDPM steps from noise (`ddpm1000`); ROUNDS timed calls of
 //! BATCH images after a warm-up call that makes the plans.
+//!
+//! `split`: what one split of an operator's work into two parts costs beyond the parts
+//! (lever 21 in `docs/PERFORMANCE.md`). From a pool thread of a 2-thread pool with the
+//! helper spinning (`op_threads::on_pool`), REPS splits of two parts that each
+//! busy-wait WORK_US µs (default 2, 5, 10, 20), through esddpm's hand-over
+//! (`op_threads::for_each`) and through rayon's scope on the same pool (what
+//! `for_each` used before the lever), alternated ROUNDS times (default 3); the median
+//! µs per split beyond WORK_US of each.
 
 use esddpm::attention::fuse_attention;
 use esddpm::cache::PlanCache;
@@ -76,7 +85,8 @@ fn usage() -> ! {
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
          [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
-         ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)"
+         ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)\n  unet_forward split [WORK_US ...] \
+         [--reps N] [--rounds R]"
     );
     std::process::exit(2)
 }
@@ -809,6 +819,63 @@ fn e2e(t_main: Instant, a: &Args) -> Res<Value> {
     }))
 }
 
+fn split(a: &Args) -> Res<Value> {
+    let reps: u32 = a.opt("reps", 5000);
+    let rounds: usize = a.opt("rounds", 3);
+    let works: Vec<f64> = match a.pos.is_empty() {
+        true => vec![2.0, 5.0, 10.0, 20.0],
+        false => (0..a.pos.len()).map(|i| a.num(i)).collect(),
+    };
+    let executor = Executor::multithread(2);
+    let Executor::MultiThread(pool) = &executor else {
+        unreachable!("a pool of two threads")
+    };
+    let busy = |us: f64| {
+        let t = Instant::now();
+        while t.elapsed().as_secs_f64() * 1e6 < us {
+            std::hint::spin_loop();
+        }
+    };
+    // µs per split beyond the parts' `us`.
+    let per_split = |us: f64, run: &dyn Fn()| {
+        let t = Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        t.elapsed().as_secs_f64() * 1e6 / f64::from(reps) - us
+    };
+    let rows = esddpm::op_threads::on_pool(&executor, || {
+        works
+            .iter()
+            .map(|&us| {
+                let (mut handoff, mut rayon) = (Vec::new(), Vec::new());
+                for _ in 0..rounds {
+                    handoff.push(per_split(us, &|| {
+                        esddpm::op_threads::for_each(0..2, |_| busy(us))
+                    }));
+                    rayon.push(per_split(us, &|| {
+                        pool.in_place_scope(|s| {
+                            s.spawn(|_| busy(us));
+                            busy(us);
+                        })
+                    }));
+                }
+                (us, median(&handoff), median(&rayon))
+            })
+            .collect::<Vec<_>>()
+    });
+    eprintln!("| part µs | hand-over µs per split | rayon µs per split |\n|---|---|---|");
+    for (us, h, r) in &rows {
+        eprintln!("| {us} | {h:.2} | {r:.2} |");
+    }
+    Ok(json!({
+        "mode": "split",
+        "reps": reps,
+        "rounds": rounds,
+        "rows": rows.iter().map(|(us, h, r)| json!({"work_us": us, "handoff_us": h, "rayon_us": r})).collect::<Vec<_>>(),
+    }))
+}
+
 fn main() {
     let t_main = Instant::now();
     let mut raw: Vec<String> = std::env::args().skip(1).collect();
@@ -817,7 +884,7 @@ fn main() {
         .find(|s| !s.starts_with("--"))
         .map(String::as_str)
     {
-        Some(m @ ("forward" | "profile" | "e2e")) => {
+        Some(m @ ("forward" | "profile" | "e2e" | "split")) => {
             let m = m.to_string();
             let i = raw.iter().position(|s| *s == m).expect("mode");
             raw.remove(i);
@@ -830,6 +897,7 @@ fn main() {
     let result = match mode.as_str() {
         "profile" => profile(&args),
         "e2e" => e2e(t_main, &args),
+        "split" => split(&args),
         _ => forward(t_main, &args),
     };
     match result {

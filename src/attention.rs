@@ -246,30 +246,17 @@ fn run_all(
     if scratch.parts.len() < parts {
         scratch.parts.resize_with(parts, Scratch::default);
     }
-    let failure = std::sync::Mutex::new(None);
     let work = scratch.parts[..parts].iter_mut().enumerate();
-    op_threads::for_each(work, |(p, sc)| {
+    op_threads::try_for_each(work, |(p, sc)| {
         let (u0, u1) = (units * p / parts, units * (p + 1) / parts);
-        let mut part = || -> TractResult<()> {
-            sc.fit(dims);
-            for unit in u0..u1 {
-                let (h, b) = (unit / blocks, unit % blocks);
-                let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
-                run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), sc)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = part() {
-            failure
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(e);
+        sc.fit(dims);
+        for unit in u0..u1 {
+            let (h, b) = (unit / blocks, unit % blocks);
+            let rows = b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(dims.n);
+            run_unit(dims, st, h, rows, q, k, v, (ptr, out_len), sc)?;
         }
-    });
-    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+        Ok(())
+    })
 }
 
 /// A thread part's buffers: K of one head transposed (D × M), V of one head (M × E), a

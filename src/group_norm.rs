@@ -142,9 +142,8 @@ impl GroupNorm {
             false => 1,
         };
         let per = groups.div_ceil(parts) * group;
-        let failed = std::sync::OnceLock::new();
         let work = input.chunks(per).zip(out.chunks_mut(per)).enumerate();
-        op_threads::for_each(work, |(p, (x, y))| {
+        op_threads::try_for_each(work, |(p, (x, y))| {
             let first = p * per / group;
             for (k, (x, y)) in x
                 .chunks_exact(group)
@@ -155,14 +154,12 @@ impl GroupNorm {
                 let (gamma, beta) = (&self.gamma[g * cg..][..cg], &self.beta[g * cg..][..cg]);
                 normalise_group(x, y, gamma, beta, per_channel, self.eps);
                 // While the group is in the cache.
-                if let Some(Err(e)) = silu.map(|k| k.run(y)) {
-                    let _ = failed.set(e);
+                if let Some(silu) = silu {
+                    silu.run(y)?;
                 }
             }
-        });
-        if let Some(e) = failed.into_inner() {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         Ok(y)
     }
 }

@@ -16,8 +16,9 @@
 //! awake, spinning, and takes its part as soon as it is handed over. The price is that
 //! this thread keeps its core busy for the whole call, also while tract runs its own
 //! operators. The parts go over through a slot of esddpm's own that the helper polls,
-//! not through rayon's queues: a split cost 1.2-13 µs beyond its parts through rayon,
-//! 0.4-1.8 µs through the slot (lever 21).
+//! not through rayon's queues: a split cost 0.9-3.7 µs beyond its parts through
+//! rayon, 0.4-2.5 µs through the slot (lever 21; `cargo bench --bench unet_forward --
+//! split`).
 //!
 //! [`on_pool`] runs a U-Net call in such a scope from one of the pool's threads, with
 //! the helper spinning beside it: for a large U-Net, whose matrix products tract splits
@@ -37,7 +38,6 @@ use std::sync::Arc;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
 /// What [`scope`] lends to esddpm's operators on its thread.
-#[derive(Clone)]
 struct Lent {
     /// The executor.
     executor: Executor,
@@ -181,6 +181,26 @@ where
     }
 }
 
+/// [`for_each`] for parts that can fail: every part runs, and the first error met is
+/// returned.
+pub fn try_for_each<I>(
+    items: I,
+    f: impl Fn(I::Item) -> tract_onnx::prelude::TractResult<()> + Sync,
+) -> tract_onnx::prelude::TractResult<()>
+where
+    I: IntoIterator,
+    I::IntoIter: Send,
+    I::Item: Send,
+{
+    let failed = std::sync::OnceLock::new();
+    for_each(items, |item| {
+        if let Err(e) = f(item) {
+            let _ = failed.set(e);
+        }
+    });
+    failed.into_inner().map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +284,27 @@ mod tests {
             });
             assert_eq!(ids.into_inner().unwrap().len(), 2);
         });
+    }
+
+    #[test]
+    fn a_failing_part_is_an_error_and_the_others_still_run() {
+        for executor in [Executor::SingleThread, Executor::multithread(2)] {
+            let ran = AtomicUsize::new(0);
+            let result = on_pool(&executor, || {
+                try_for_each(0..4, |p| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    match p {
+                        2 => Err(tract_onnx::prelude::TractError::msg(format!(
+                            "part {p} failed"
+                        ))),
+                        _ => Ok(()),
+                    }
+                })
+            });
+            assert_eq!(result.unwrap_err().to_string(), "part 2 failed");
+            assert_eq!(ran.into_inner(), 4);
+            assert!(on_pool(&executor, || try_for_each(0..4, |_| Ok(()))).is_ok());
+        }
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! [`scope`](super::scope) (lever 21 in `docs/PERFORMANCE.md`).
 //!
 //! Handed over through rayon (a scope, a spawned job the helper steals from the
-//! caller's deque, a latch), a split into two parts cost 1.2-13 µs beyond the parts
-//! on the 2-core VM this was measured on, as much as the half of a small U-Net's
-//! convolution that the helper takes over; through this slot, 0.4-1.8 µs. Here the
-//! caller puts its parts in a list on its stack and one pointer to it in a slot
+//! caller's deque, a latch), a split into two parts cost 0.9-3.7 µs beyond the parts
+//! on the 2-core VM this was measured on (`cargo bench --bench unet_forward -- split`,
+//! parts of 2-20 µs), a good share of the half of a small U-Net's convolution that the
+//! helper takes over; through this slot, 0.4-2.5 µs, less in every case measured.
+//!
+//! The caller puts its parts in a list on its stack and one pointer to it in a slot
 //! ([`Handoff`]) that the helper polls; both threads then take parts from the list by
 //! an atomic counter, and the caller waits for the helper only if the helper took the
 //! list. The same parts run through the same function either way, so the results are
@@ -84,15 +86,6 @@ impl Handoff {
     /// helper. Returns when every part has run. A part's panic is resumed here, after
     /// the helper is done with the list.
     pub fn for_each<T: Send, F: Fn(T) + Sync>(&self, items: impl Iterator<Item = T>, f: &F) {
-        let items: TVec<_> = items.map(|x| UnsafeCell::new(Some(x))).collect();
-        if items.len() < 2 {
-            for item in items {
-                if let Some(x) = item.into_inner() {
-                    f(x);
-                }
-            }
-            return;
-        }
         let parts = Parts {
             header: Header {
                 run: Parts::<T, F>::run_erased,
@@ -100,15 +93,17 @@ impl Handoff {
                 panic: UnsafeCell::new(None),
             },
             next: AtomicUsize::new(0),
-            items,
+            items: items.map(|x| UnsafeCell::new(Some(x))).collect(),
             f,
         };
         let header = &parts.header as *const Header as *mut Header;
-        // A part that splits its own work finds the slot taken: it runs its parts here.
-        if self
-            .posted
-            .compare_exchange(ptr::null_mut(), header, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        // One part is not worth a hand-over; a part that splits its own work finds the
+        // slot taken. Either way the parts run here.
+        if parts.items.len() < 2
+            || self
+                .posted
+                .compare_exchange(ptr::null_mut(), header, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
             parts.run_all();
             return;
