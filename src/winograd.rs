@@ -42,7 +42,10 @@
 //! of 4 take a row-by-row path with the same bits).
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
-//! over the input channels in order with FMA from zero; the transforms are fixed sums.
+//! over the input channels in order with FMA from zero; with AVX-512, in tiles of 6
+//! channels × 32 tiles and, for a last panel of 16 tiles, 12 channels × 16 (lever 22:
+//! 12 registers of 16 lanes where AVX2 fills 12 of 8), each value summed alike, so the
+//! same bits on either ISA. The transforms are fixed sums.
 //! The result is the same bit for bit whatever the thread count (each element is
 //! computed alike however the work is split: for a large convolution the input
 //! transform by input channels, the rest by output channels; for a small one, whose
@@ -908,8 +911,8 @@ mod kernels {
     /// `M_ξ = U_ξ V_ξ` for a group of blocks of output channels: `u` is their `U_ξ`
     /// (`[blocks][cin][6]`), `v` is `V_ξ` in panels (`[tp / 16][cin][16]`, the last 8
     /// wide where `tp` is not a multiple of 16), and `m` the group's products
-    /// (`[channel][ξ][tp]`), written at position `xi`. Each panel is used for every
-    /// block while it is in the L1 cache.
+    /// (`[channel][ξ][tp]`), written at position `xi`. Each panel (or pair of panels,
+    /// with AVX-512) is used for every block while it is in the L1 cache.
     // Off x86-64 the op never exists, and the kernel's arguments go unused.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub fn product(u: &[f32], v: &[f32], xi: usize, m: &mut [f32], cin: usize, tp: usize) {
@@ -917,6 +920,40 @@ mod kernels {
         assert!(u.len() == blocks * cin * CO && v.len() == cin * tp);
         assert!(xi < XI && tp.is_multiple_of(LANE) && m.len() >= blocks * CO * XI * tp);
         let mut t0 = 0;
+        // With AVX-512, two panels (32 tiles) at a time: the same multiply-adds in the
+        // same order per value, so the same bits as the AVX2 tile.
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            const WIDE: usize = 4 * LANE;
+            while t0 + WIDE <= tp {
+                let panels = &v[cin * t0..][..cin * WIDE];
+                for b in 0..blocks {
+                    let u = &u[b * cin * CO..][..cin * CO];
+                    let at = (b * CO * XI + xi) * tp + t0;
+                    // SAFETY: detected; the sizes were checked above.
+                    unsafe { x86::tile32(u, panels, m, cin, at, XI * tp) }
+                }
+                t0 += WIDE;
+            }
+            // A last panel of 16 tiles, two blocks of channels at a time (12 registers).
+            if t0 + 2 * LANE <= tp {
+                let panel = &v[cin * t0..][..cin * 2 * LANE];
+                for b in (0..blocks & !1).step_by(2) {
+                    let u = &u[b * cin * CO..][..2 * cin * CO];
+                    let at = (b * CO * XI + xi) * tp + t0;
+                    // SAFETY: detected; the sizes were checked above.
+                    unsafe { x86::tile16x12(u, panel, m, cin, at, XI * tp) }
+                }
+                if blocks % 2 == 1 {
+                    let b = blocks - 1;
+                    let u = &u[b * cin * CO..][..cin * CO];
+                    let at = (b * CO * XI + xi) * tp + t0;
+                    // SAFETY: as above.
+                    unsafe { x86::tile::<2>(u, panel, m, cin, at, XI * tp) }
+                }
+                t0 += 2 * LANE;
+            }
+        }
         while t0 < tp {
             let width = (tp - t0).min(2 * LANE);
             let panel = &v[cin * t0..][..cin * width];
@@ -1257,6 +1294,76 @@ mod kernels {
                 }
             }
         }
+
+        /// [`tile`] for two blocks of channels with AVX-512: `u` holds both blocks'
+        /// `U_ξ` (`[2][cin][6]`), `panel` one panel of 16 tiles (`[cin][16]`); 12
+        /// channels × 16 tiles in 12 registers, each value summed like [`tile`]'s (so
+        /// the same bits), stored at `m[at + r · stride..][..16]` for channel `r` of
+        /// the two blocks (the second block's channels follow the first's).
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub unsafe fn tile16x12(
+            u: &[f32],
+            panel: &[f32],
+            m: &mut [f32],
+            cin: usize,
+            at: usize,
+            stride: usize,
+        ) {
+            const W: usize = 2 * LANE;
+            debug_assert!(u.len() >= 2 * cin * CO && panel.len() >= cin * W);
+            let (u0, u1) = (u.as_ptr(), u.as_ptr().add(cin * CO));
+            let mut vp = panel.as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); CO]; 2];
+            for c in 0..cin {
+                let x = _mm512_loadu_ps(vp);
+                for (ub, row) in [u0, u1].into_iter().zip(acc.iter_mut()) {
+                    for (r, a) in row.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_set1_ps(*ub.add(c * CO + r)), x, *a);
+                    }
+                }
+                vp = vp.add(W);
+            }
+            for (r, a) in acc.iter().flatten().enumerate() {
+                _mm512_storeu_ps(m.as_mut_ptr().add(at + r * stride), *a);
+            }
+        }
+
+        /// [`tile`] for 32 tiles `t0..t0 + 32` with AVX-512: `panels` holds their two
+        /// panels of 16 (`[2][cin][16]`); 6 channels × 2 panels in 12 registers of 16
+        /// lanes, each value summed like [`tile`]'s (so the same bits), stored at
+        /// `m[at + r · stride..][..32]` for channel `r`.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        pub unsafe fn tile32(
+            u: &[f32],
+            panels: &[f32],
+            m: &mut [f32],
+            cin: usize,
+            at: usize,
+            stride: usize,
+        ) {
+            const W: usize = 2 * LANE;
+            debug_assert!(u.len() >= cin * CO && panels.len() >= 2 * cin * W);
+            let ub = u.as_ptr();
+            let (mut p0, mut p1) = (panels.as_ptr(), panels.as_ptr().add(cin * W));
+            let mut acc = [[_mm512_setzero_ps(); 2]; CO];
+            for c in 0..cin {
+                let vv = [_mm512_loadu_ps(p0), _mm512_loadu_ps(p1)];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*ub.add(c * CO + r));
+                    for (a, x) in row.iter_mut().zip(&vv) {
+                        *a = _mm512_fmadd_ps(b, *x, *a);
+                    }
+                }
+                p0 = p0.add(W);
+                p1 = p1.add(W);
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let out = m.as_mut_ptr().add(at + r * stride);
+                for (k, a) in row.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(W * k), *a);
+                }
+            }
+        }
     }
 
     /// The output transform of one output channel from its `m` (`[ξ][tp]`) into `out`
@@ -1274,6 +1381,50 @@ mod kernels {
         }
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no Winograd kernel off x86-64")
+    }
+
+    #[cfg(all(test, target_arch = "x86_64"))]
+    mod tests {
+        use super::{x86, CO, LANE};
+        use crate::test_values::values;
+
+        #[test]
+        fn the_avx512_tiles_give_the_avx2_tiles_bits() {
+            let has = |f: &str| match f {
+                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                _ => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            };
+            if !has("avx512f") || !has("avx2") {
+                return;
+            }
+            // Two blocks of channels, two panels of 16 tiles, 19 input channels.
+            let (cin, w, stride) = (19, 2 * LANE, 40);
+            let (u, v) = (values(2 * cin * CO, 1), values(2 * cin * w, 2));
+            let (mut avx2, mut wide, mut pairs) = (vec![0f32; 12 * stride], vec![], vec![]);
+            wide.resize(avx2.len(), 0.0);
+            pairs.resize(avx2.len(), 0.0);
+            // SAFETY: the features were detected; every tile stays inside the buffers.
+            unsafe {
+                for b in 0..2 {
+                    let ub = &u[b * cin * CO..];
+                    for p in 0..2 {
+                        let at = b * CO * stride + p * w;
+                        x86::tile::<2>(ub, &v[p * cin * w..], &mut avx2, cin, at, stride);
+                    }
+                    x86::tile32(ub, &v, &mut wide, cin, b * CO * stride, stride);
+                }
+                for p in 0..2 {
+                    x86::tile16x12(&u, &v[p * cin * w..], &mut pairs, cin, p * w, stride);
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(avx2.iter().any(|&x| x != 0.0));
+            assert_eq!(bits(&avx2), bits(&wide), "32 tiles");
+            assert_eq!(bits(&avx2), bits(&pairs), "two blocks of 16 tiles");
+        }
     }
 }
 
