@@ -982,15 +982,93 @@ mod kernels {
         use super::{CO, LANE};
         use std::arch::x86_64::*;
 
-        /// [`super::output`]: 8 tiles at a time, the rest one by one, with the same
-        /// operations in the same order.
+        /// Whether the AVX-512 transforms take a map `2 tw` wide: 16 tiles to a vector,
+        /// from one row of tiles (`tw` a multiple of 16), two (8) or four (4).
+        fn wide_fits(tw: usize) -> bool {
+            tw.is_multiple_of(16) || tw == 8 || tw == 4
+        }
+
+        /// [`super::output`]: with AVX-512, 16 tiles at a time where [`wide_fits`]
+        /// takes the width ([`output16`]); the rest 8 tiles at a time, then one by
+        /// one, with the same operations in the same order (so the same bits).
         #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
         pub unsafe fn output(m: &[f32], tp: usize, h: usize, w: usize, bias: f32, out: &mut [f32]) {
-            let tw = w / 2;
-            let xs = tp;
+            let (th, tw) = (h / 2, w / 2);
+            let mut done = 0;
+            if wide_fits(tw) && is_x86_feature_detected!("avx512f") {
+                done = output16(m, tp, th, tw, bias, out);
+            }
+            output_rows(m, tp, done..th, tw, bias, out);
+        }
+
+        /// The output transform of the first `16 · ⌊th · tw / 16⌋` tiles, 16 to a
+        /// vector (a row of tiles or part of one, or 2 or 4 whole rows: [`wide_fits`]),
+        /// each value computed as [`output_rows`] computes it; returns the rows of
+        /// tiles done.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn output16(
+            m: &[f32],
+            xs: usize,
+            th: usize,
+            tw: usize,
+            bias: f32,
+            out: &mut [f32],
+        ) -> usize {
+            const W: usize = 2 * LANE;
+            let w = 2 * tw;
+            let groups = th * tw / W;
+            let b = _mm512_set1_ps(bias);
+            // Tiles 0..8 and 8..16 of the two columns, interleaved.
+            let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let second =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for t0 in (0..groups * W).step_by(W) {
+                let ld = |xi: usize| _mm512_loadu_ps(m.as_ptr().add(xi * xs + t0));
+                let mut c = [[_mm512_setzero_ps(); 4]; 2];
+                let [c0, c1] = &mut c;
+                for (j, (t, b)) in c0.iter_mut().zip(c1.iter_mut()).enumerate() {
+                    let (m0, m1, m2, m3) = (ld(j), ld(4 + j), ld(8 + j), ld(12 + j));
+                    *t = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                    *b = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+                }
+                for (r, c) in c.iter().enumerate() {
+                    let y0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c[0], c[1]), c[2]), b);
+                    let y1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(c[1], c[2]), c[3]), b);
+                    for (k, idx) in [(0, first), (LANE, second)] {
+                        // 8 tiles' 16 outputs of row `r` of their tiles.
+                        let y = _mm512_permutex2var_ps(y0, idx, y1);
+                        let t = t0 + k;
+                        let at = |t: usize| (2 * (t / tw) + r) * w + 2 * (t % tw);
+                        if tw >= LANE {
+                            _mm512_storeu_ps(out.as_mut_ptr().add(at(t)), y);
+                        } else {
+                            let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(y));
+                            _mm256_storeu_ps(
+                                out.as_mut_ptr().add(at(t)),
+                                _mm512_castps512_ps256(y),
+                            );
+                            _mm256_storeu_ps(out.as_mut_ptr().add(at(t + 4)), _mm256_castpd_ps(hi));
+                        }
+                    }
+                }
+            }
+            groups * W / tw
+        }
+
+        /// The output transform of the rows of tiles `rows`: 8 tiles at a time, the
+        /// rest one by one.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn output_rows(
+            m: &[f32],
+            xs: usize,
+            rows: std::ops::Range<usize>,
+            tw: usize,
+            bias: f32,
+            out: &mut [f32],
+        ) {
+            let w = 2 * tw;
             let b = _mm256_set1_ps(bias);
-            for ty in 0..h / 2 {
+            for ty in rows {
                 let base = m.as_ptr().add(ty * tw);
                 let top = out.as_mut_ptr().add(2 * ty * w);
                 let bottom = top.add(w);
@@ -1055,17 +1133,34 @@ mod kernels {
             let count = 2 * band.len() + 2;
             rows.resize(count * line, 0.0);
             let (x, cols) = (x.as_ptr(), rows.as_mut_ptr());
+            let wide = is_x86_feature_detected!("avx512f");
             for (k, padded) in (first..first + count).enumerate() {
                 let out = cols.add(k * line);
                 if padded == 0 || padded == h + 1 {
                     std::ptr::write_bytes(out, 0, line);
+                } else if wide && tw.is_multiple_of(2 * LANE) {
+                    columns16(x.add((padded - 1) * w), out, tw);
                 } else if tw.is_multiple_of(LANE) {
                     columns8(x.add((padded - 1) * w), out, tw);
                 } else {
                     columns4(x.add((padded - 1) * w), out, tw);
                 }
             }
-            for ty in 0..band.len() {
+            // With AVX-512, 16 tiles to a vector (from 1, 2 or 4 rows of tiles) as far
+            // as they go, then the rows of tiles left 8 or 4 tiles to a vector.
+            let mut done = 0;
+            if wide && wide_fits(tw) {
+                let groups = band.len() * tw / (2 * LANE);
+                for t0 in (0..groups).map(|g| g * 2 * LANE) {
+                    match tw {
+                        4 => rows16::<4>(cols, line, tw, t0, at),
+                        8 => rows16::<2>(cols, line, tw, t0, at),
+                        _ => rows16::<1>(cols, line, tw, t0, at),
+                    }
+                }
+                done = groups * 2 * LANE / tw;
+            }
+            for ty in done..band.len() {
                 let d = cols.add(2 * ty * line);
                 if tw.is_multiple_of(LANE) {
                     rows8(d, tw, ty, at);
@@ -1088,6 +1183,19 @@ mod kernels {
             )
         }
 
+        /// The even and odd values of `p[0..32]`.
+        #[inline(always)]
+        unsafe fn split16(p: *const f32) -> (__m512, __m512) {
+            let (lo, hi) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(2 * LANE)));
+            let evens =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            (
+                _mm512_permutex2var_ps(lo, evens, hi),
+                _mm512_permutex2var_ps(lo, odds, hi),
+            )
+        }
+
         /// The even and odd values of `p[0..8]`.
         #[inline(always)]
         unsafe fn split4(p: *const f32) -> (__m128, __m128) {
@@ -1107,9 +1215,9 @@ mod kernels {
         /// moved one tile left by `$left` (the next group's first, or the right
         /// padding's zero).
         macro_rules! columns {
-            ($name:ident, $n:expr, $v:ty, $split:ident, $zero:ident, $store:ident,
-             $add:ident, $sub:ident, $right:expr, $left:expr) => {
-                #[target_feature(enable = "avx2,fma")]
+            ($name:ident, $features:literal, $n:expr, $v:ty, $split:ident, $zero:ident,
+             $store:ident, $add:ident, $sub:ident, $right:expr, $left:expr) => {
+                #[target_feature(enable = $features)]
                 unsafe fn $name(x: *const f32, out: *mut f32, tw: usize) {
                     let (right, left) = ($right, $left);
                     let zero: $v = $zero();
@@ -1133,7 +1241,30 @@ mod kernels {
         }
 
         columns!(
+            columns16,
+            "avx512f,avx2,fma",
+            2 * LANE,
+            __m512,
+            split16,
+            _mm512_setzero_ps,
+            _mm512_storeu_ps,
+            _mm512_add_ps,
+            _mm512_sub_ps,
+            // `b`'s last value, then `a`'s first fifteen; `a`'s last fifteen, then
+            // `b`'s first.
+            |a: __m512, b: __m512| {
+                let i = _mm512_setr_epi32(31, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14);
+                _mm512_permutex2var_ps(a, i, b)
+            },
+            |a: __m512, b: __m512| {
+                let i = _mm512_setr_epi32(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
+                _mm512_permutex2var_ps(a, i, b)
+            }
+        );
+
+        columns!(
             columns8,
+            "avx2,fma",
             LANE,
             __m256,
             split8,
@@ -1161,6 +1292,7 @@ mod kernels {
 
         columns!(
             columns4,
+            "avx2,fma",
             4,
             __m128,
             split4,
@@ -1204,6 +1336,52 @@ mod kernels {
                     }
                 }
             };
+        }
+
+        /// 16 values of the column transforms from `Q` rows of tiles (`16 / Q` values
+        /// of each, rows `step` apart).
+        #[inline(always)]
+        unsafe fn load16<const Q: usize>(p: *const f32, step: usize) -> __m512 {
+            match Q {
+                1 => _mm512_loadu_ps(p),
+                2 => {
+                    let lo = _mm512_castps256_ps512(_mm256_loadu_ps(p));
+                    let hi = _mm256_castps_pd(_mm256_loadu_ps(p.add(step)));
+                    _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castps_pd(lo), hi))
+                }
+                _ => {
+                    let v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+                    let v = _mm512_insertf32x4::<1>(v, _mm_loadu_ps(p.add(step)));
+                    let v = _mm512_insertf32x4::<2>(v, _mm_loadu_ps(p.add(2 * step)));
+                    _mm512_insertf32x4::<3>(v, _mm_loadu_ps(p.add(3 * step)))
+                }
+            }
+        }
+
+        /// `Bᵀ (d B)` of the band's tiles `t0 .. t0 + 16` (`t0` a multiple of 16, the
+        /// tiles of one panel) from the column transforms `cols` (`[padded row][j][tw]`,
+        /// rows `line` apart) into the panels: `Q` rows of tiles (`tw = 16 / Q`), or
+        /// part of one (`Q = 1`, `tw` a multiple of 16). The same operations as
+        /// `rows8`'s, 16 tiles to a vector.
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        unsafe fn rows16<const Q: usize>(
+            cols: *const f32,
+            line: usize,
+            tw: usize,
+            t0: usize,
+            at: super::PanelAt,
+        ) {
+            let (ty, tx) = (t0 / tw, t0 % tw);
+            let d = cols.add(2 * ty * line + tx);
+            let p = at.ptr(0, t0);
+            for j in 0..4 {
+                let ld = |i: usize| load16::<Q>(d.add((i * 4 + j) * tw), 2 * line);
+                let (d0, d1, d2, d3) = (ld(0), ld(1), ld(2), ld(3));
+                _mm512_storeu_ps(p.add(j * at.xs), _mm512_sub_ps(d0, d2));
+                _mm512_storeu_ps(p.add((4 + j) * at.xs), _mm512_add_ps(d1, d2));
+                _mm512_storeu_ps(p.add((8 + j) * at.xs), _mm512_sub_ps(d2, d1));
+                _mm512_storeu_ps(p.add((12 + j) * at.xs), _mm512_sub_ps(d1, d3));
+            }
         }
 
         rows!(
@@ -1385,7 +1563,7 @@ mod kernels {
 
     #[cfg(all(test, target_arch = "x86_64"))]
     mod tests {
-        use super::{x86, CO, LANE};
+        use super::{x86, CO, LANE, XI};
         use crate::test_values::values;
 
         #[test]
@@ -1424,6 +1602,51 @@ mod kernels {
             assert!(avx2.iter().any(|&x| x != 0.0));
             assert_eq!(bits(&avx2), bits(&wide), "32 tiles");
             assert_eq!(bits(&avx2), bits(&pairs), "two blocks of 16 tiles");
+        }
+
+        /// `Aᵀ M A + b` per tile, each sum in the kernels' order: what every path of
+        /// [`super::output`] must give, bit for bit (with AVX-512, 16 tiles from one,
+        /// two or four rows of tiles; else 8 tiles, then one by one).
+        #[test]
+        fn the_output_transform_gives_the_bits_of_its_sums() {
+            if !super::super::available() {
+                return;
+            }
+            // Rows of 4, 8, 12, 16, 20 and 32 tiles; 1 to 16 rows of tiles.
+            let shapes = [
+                (8, 8),
+                (2, 8),
+                (6, 8),
+                (10, 8),
+                (16, 16),
+                (6, 16),
+                (2, 24),
+                (32, 32),
+                (4, 40),
+                (4, 64),
+            ];
+            for (h, w) in shapes {
+                let (th, tw): (usize, usize) = (h / 2, w / 2);
+                let tp = (th * tw).next_multiple_of(LANE) + LANE;
+                let (m, bias) = (values(XI * tp, 7), 0.37f32);
+                let mut got = vec![0f32; h * w];
+                super::output(&m, tp, h, w, bias, &mut got);
+                let mut want = vec![0f32; h * w];
+                for (ty, tx) in (0..th).flat_map(|ty| (0..tw).map(move |tx| (ty, tx))) {
+                    let ld = |xi: usize| m[xi * tp + ty * tw + tx];
+                    let c: [[f32; 4]; 2] = [
+                        std::array::from_fn(|j| ld(j) + ld(4 + j) + ld(8 + j)),
+                        std::array::from_fn(|j| ld(4 + j) - ld(8 + j) - ld(12 + j)),
+                    ];
+                    for (r, c) in c.iter().enumerate() {
+                        let row = &mut want[(2 * ty + r) * w..];
+                        row[2 * tx] = c[0] + c[1] + c[2] + bias;
+                        row[2 * tx + 1] = c[1] - c[2] - c[3] + bias;
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{h} x {w}");
+            }
         }
     }
 }
@@ -1595,9 +1818,18 @@ mod tests {
     /// `G g Gᵀ` by the matrix products of its definition, in f64.
     #[test]
     fn the_input_transform_in_place_gives_the_bits_of_the_rows() {
-        // Widths of 4 tiles (one 4-wide vector), 8, 12 (three 4-wide) and 16 and 20
+        // Widths of 4 tiles (one 4-wide vector), 8, 12 (three 4-wide), 16, 20 and 32
         // tiles; heights down to one row of tiles; 8 and 16 wide last panels.
-        for (h, w, cin) in [(8, 8, 3), (16, 16, 2), (2, 24, 2), (32, 32, 2), (6, 40, 3)] {
+        // With AVX-512: 16 tiles from 4 rows of 4, 2 of 8, or part of a row of 16 or 32.
+        let shapes = [
+            (8, 8, 3),
+            (16, 16, 2),
+            (2, 24, 2),
+            (32, 32, 2),
+            (6, 40, 3),
+            (6, 64, 2),
+        ];
+        for (h, w, cin) in shapes {
             assert!(kernels::panels_fit(w));
             let tp = ((h / 2) * (w / 2)).next_multiple_of(LANE);
             let x = values(cin * h * w, 4);
