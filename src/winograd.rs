@@ -39,7 +39,9 @@
 //!
 //! The input transform writes V's panels in place, 4 or 8 tiles to a vector, each
 //! input row's column transform made once (maps whose rows of tiles are not a multiple
-//! of 4 take a row-by-row path with the same bits).
+//! of 4 take a row-by-row path with the same bits). With AVX-512 the input and output
+//! transforms take 16 tiles to a vector where a map's rows of tiles are 4, 8 or a
+//! multiple of 16 tiles long (lever 23), with the same operations per value.
 //!
 //! The products run in an AVX2 register tile of 6 output channels × 16 tiles, summing
 //! over the input channels in order with FMA from zero; with AVX-512, in tiles of 6
