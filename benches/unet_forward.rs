@@ -84,7 +84,7 @@ fn usage() -> ! {
          [--input FILE] [--output FILE] [--path batched|per-image] [--plan-cache DIR] \
          [--tract-thresholds P,M,E]\n  unet_forward profile MODEL C H W BATCH REPS \
          [--warmup N] [--t T] [--rewrite off|strides|all] [--direct-max-channels N] \
-         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
+         [--direct-min-width N] [--direct-tiles wide,wide16,rows,narrow,wide16x6|none] [--group-norm fused|off] [--attention fused|off] [--pointwise fused|off] [--winograd on|off|large|all] [--small-maps on|off]\n  unet_forward e2e FOLDER MODE BATCH THREADS \
          ROUNDS (MODE: es-ddpm100 | es-ddim10 | ddpm1000)\n  unet_forward split [WORK_US ...] \
          [--reps N] [--rounds R]"
     );
@@ -515,7 +515,15 @@ fn profile(a: &Args) -> Res<Value> {
         Some("off") => None,
         Some(_) => usage(),
     };
+    // `--small-maps off`: esddpm's plan with the convolutions on small maps that
+    // `esddpm::small_map_conv` takes left to tract.
+    let small_maps = match a.opts.get("small-maps").map(String::as_str) {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(_) => usage(),
+    };
     let custom = [
+        "small-maps",
         "direct-max-channels",
         "direct-min-width",
         "direct-tiles",
@@ -562,6 +570,9 @@ fn profile(a: &Args) -> Res<Value> {
                 if rewrite == "all" {
                     if let Some(min_pixels) = winograd {
                         use_winograd_with(&mut m, min_pixels)?;
+                    }
+                    if small_maps {
+                        esddpm::small_map_conv::use_small_map_convs(&mut m)?;
                     }
                     use_direct_convs_with(&mut m, &policy)?;
                     if fuse_pointwise {

@@ -52,6 +52,7 @@ pub mod pointwise_conv;
 pub mod prior;
 pub mod rewrite;
 pub mod session;
+pub mod small_map_conv;
 pub mod unet;
 pub mod winograd;
 

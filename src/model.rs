@@ -5,7 +5,9 @@ use crate::cache::{Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::onnx_file::OnnxFile;
-use crate::{attention, codegen, direct_conv, group_norm, pointwise_conv, rewrite, winograd};
+use crate::{
+    attention, codegen, direct_conv, group_norm, pointwise_conv, rewrite, small_map_conv, winograd,
+};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -479,6 +481,7 @@ impl OnnxModel {
             group_norm::fuse_group_norms(&mut optimised)?;
             attention::fuse_attention(&mut optimised)?;
             winograd::use_winograd(&mut optimised)?;
+            small_map_conv::use_small_map_convs(&mut optimised)?;
             direct_conv::use_direct_convs(&mut optimised)?;
             pointwise_conv::fuse_pointwise_convs(&mut optimised)?;
             codegen::optimize(&mut optimised)?;

@@ -1692,7 +1692,7 @@ fn winograd_for(
 /// that the kernel returned is the only reference to its memory and is arranged in
 /// place. Copying it instead, with tract freeing the replaced constants only at
 /// codegen, raised the peak memory at load by 26 MB on the cifar-size U-Net.
-fn take_kernel(model: &mut TypedModel, outlet: OutletId) -> TractResult<Arc<Tensor>> {
+pub(crate) fn take_kernel(model: &mut TypedModel, outlet: OutletId) -> TractResult<Arc<Tensor>> {
     let kernel = model
         .outlet_fact(outlet)?
         .konst
