@@ -468,9 +468,6 @@ mod tiles {
         }
     }
 
-    /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ 4) rows of `p` (`n × m`, rows `ps`
-    /// apart), `v` being `m × e`.
-    #[allow(clippy::too_many_arguments)]
     /// Queries per values tile for `e` values per row: 4, or with AVX-512 where a row
     /// fills less than one vector (`e < 16`, as the cifar-size U-Net's 32 heads of 8
     /// features), 16: 16 rows of 8 values in 16 of its 32 registers (`values8x16`),
@@ -486,6 +483,10 @@ mod tiles {
         }
     }
 
+    /// `o[r][c] = Σ_j p[r][j] · v[j][c]` for `n` (≤ [`query_group`]) rows of `p`
+    /// (`n × m`, rows `ps` apart; as many rows as the tile has are read), `v` being
+    /// `m × e`.
+    #[allow(clippy::too_many_arguments)]
     pub fn values(
         isa: Isa,
         p: &[f32],
