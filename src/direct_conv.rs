@@ -57,6 +57,26 @@ pub(crate) fn c_order_f32(x: &Tensor) -> TractResult<std::borrow::Cow<'_, [f32]>
     }
 }
 
+/// The values of a convolution's input `x` in C order (see [`c_order_f32`]), checked to
+/// be f32 and `[n, cin, input[0], input[1]]`.
+pub(crate) fn image_values(
+    x: &Tensor,
+    cin: usize,
+    input: [usize; 2],
+) -> TractResult<std::borrow::Cow<'_, [f32]>> {
+    ensure!(
+        x.datum_type() == f32::datum_type(),
+        "input is {:?}",
+        x.datum_type()
+    );
+    let shape = x.shape();
+    ensure!(
+        shape.len() == 4 && shape[1] == cin && shape[2..] == input,
+        "input shape {shape:?} for a convolution of {cin} channels at {input:?}"
+    );
+    c_order_f32(x)
+}
+
 /// A convolution's bias per output channel into `into`: `own` where it is constant,
 /// else the op's second input (one value for every channel, or one per channel).
 pub(crate) fn bias_values(
@@ -255,7 +275,8 @@ impl Policy {
     }
 }
 
-/// The sizes of one direct convolution (stride 1, dilation 1).
+/// The sizes of one convolution of stride 1 and dilation 1 (a direct one, and a
+/// [`crate::small_map_conv::SmallMapConv`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Geometry {
     /// Input channels.
@@ -388,20 +409,8 @@ impl DirectConv {
         )?;
         scratch.bias.resize(g.cout.div_ceil(b) * b, 0.0);
         let x = &*inputs[0];
-        ensure!(
-            x.datum_type() == f32::datum_type(),
-            "input is {:?}",
-            x.datum_type()
-        );
-        let shape = x.shape();
-        ensure!(
-            shape.len() == 4 && shape[1] == g.cin && shape[2..] == g.input,
-            "input shape {shape:?} for a convolution of {} channels at {:?}",
-            g.cin,
-            g.input
-        );
-        let input = c_order_f32(x)?;
-        let n = shape[0];
+        let input = image_values(x, g.cin, g.input)?;
+        let n = x.shape()[0];
         let [hp, wp] = g.padded();
         let [ih, iw] = g.input;
         let [oh, ow] = g.output;
@@ -827,6 +836,20 @@ pub(crate) struct PlainConv<'a> {
 }
 
 impl PlainConv<'_> {
+    /// Its sizes (stride and dilation 1, as [`Self::of`] takes).
+    pub(crate) fn geometry(&self) -> Geometry {
+        let (spec, shape) = (self.spec, self.shape);
+        let padding = spec.computed_padding(&shape[2..]);
+        Geometry {
+            cin: spec.input_channels,
+            cout: spec.output_channels,
+            kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
+            input: [shape[2], shape[3]],
+            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            output: [padding[0].convoluted, padding[1].convoluted],
+        }
+    }
+
     /// `node` as a plain convolution, or `None` where it is not one.
     pub(crate) fn of<'a>(
         model: &'a TypedModel,
@@ -910,20 +933,10 @@ fn direct_for(
     let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
-    let spec = conv.spec;
-    if spec.kernel_shape.iter().product::<usize>() < 2 {
+    if conv.spec.kernel_shape.iter().product::<usize>() < 2 {
         return Ok(None);
     }
-    let shape = conv.shape;
-    let padding = spec.computed_padding(&shape[2..]);
-    let geometry = Geometry {
-        cin: spec.input_channels,
-        cout: spec.output_channels,
-        kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
-        input: [shape[2], shape[3]],
-        pad_before: [padding[0].pad_before, padding[1].pad_before],
-        output: [padding[0].convoluted, padding[1].convoluted],
-    };
+    let geometry = conv.geometry();
     let Some(tile) = policy.tile_for(&geometry) else {
         return Ok(None);
     };

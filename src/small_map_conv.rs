@@ -30,7 +30,9 @@
 //! [`crate::winograd::use_winograd`] and before [`crate::direct_conv::use_direct_convs`]
 //! (which takes no map this small with AVX-512).
 
-use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
+use crate::direct_conv::{
+    bias_values, c_order_f32, image_values, replace_convs, Geometry, PlainConv,
+};
 use crate::fusion::{same_bits, same_optional_bits};
 use crate::op_threads;
 use tract_onnx::prelude::*;
@@ -58,38 +60,14 @@ pub fn available() -> bool {
     }
 }
 
-/// The shape of a [`SmallMapConv`]: channels, kernel, input, padding and output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Geometry {
-    /// Input channels.
-    pub cin: usize,
-    /// Output channels.
-    pub cout: usize,
-    /// Kernel height and width.
-    pub kernel: [usize; 2],
-    /// Input height and width.
-    pub input: [usize; 2],
-    /// Zero rows above and columns left of the input.
-    pub pad_before: [usize; 2],
-    /// Output height and width (stride 1).
-    pub output: [usize; 2],
+/// Values summed per output of a convolution of shape `g`: `Cin·kh·kw`.
+fn reduction(g: &Geometry) -> usize {
+    g.cin * g.kernel[0] * g.kernel[1]
 }
 
-impl Geometry {
-    /// Values summed per output: `Cin·kh·kw`.
-    pub fn reduction(&self) -> usize {
-        self.cin * self.kernel[0] * self.kernel[1]
-    }
-
-    /// Output pixels per image.
-    pub fn pixels(&self) -> usize {
-        self.output[0] * self.output[1]
-    }
-
-    /// Multiply-adds per image, as tract counts a convolution.
-    pub fn macs_per_image(&self) -> usize {
-        self.cout * self.pixels() * self.reduction()
-    }
+/// Output pixels per image of a convolution of shape `g`.
+fn pixels(g: &Geometry) -> usize {
+    g.output[0] * g.output[1]
 }
 
 /// A convolution on a map of at most [`MAX_PIXELS`] output pixels, one image at a
@@ -151,9 +129,9 @@ impl SmallMapConv {
             g.cout
         );
         ensure!(
-            (1..=MAX_PIXELS).contains(&g.pixels()),
+            (1..=MAX_PIXELS).contains(&pixels(&g)),
             "{} output pixels: 1 to {MAX_PIXELS} are taken",
-            g.pixels()
+            pixels(&g)
         );
         for axis in 0..2 {
             ensure!(
@@ -166,7 +144,7 @@ impl SmallMapConv {
                 g.pad_before
             );
         }
-        let k = g.reduction();
+        let k = reduction(&g);
         ensure!(
             weights.len() == g.cout * k,
             "expected {} weights",
@@ -210,21 +188,9 @@ impl SmallMapConv {
             &mut scratch.bias,
         )?;
         let x = &*inputs[0];
-        ensure!(
-            x.datum_type() == f32::datum_type(),
-            "input is {:?}",
-            x.datum_type()
-        );
-        let shape = x.shape();
-        ensure!(
-            shape.len() == 4 && shape[1] == g.cin && shape[2..] == g.input,
-            "input shape {shape:?} for a convolution of {} channels at {:?}",
-            g.cin,
-            g.input
-        );
-        let input = c_order_f32(x)?;
+        let input = image_values(x, g.cin, g.input)?;
         let [oh, ow] = g.output;
-        let mut y = Tensor::zero::<f32>(&[shape[0], g.cout, oh, ow])?;
+        let mut y = Tensor::zero::<f32>(&[x.shape()[0], g.cout, oh, ow])?;
         {
             let mut view = y.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -248,7 +214,7 @@ impl SmallMapConv {
         let ([kh, kw], [h, w], [oh, ow]) = (g.kernel, g.input, g.output);
         let [py, px] = g.pad_before;
         b.clear();
-        b.resize(g.reduction() * MAX_PIXELS, 0.0);
+        b.resize(reduction(g) * MAX_PIXELS, 0.0);
         let mut rows = b.chunks_exact_mut(MAX_PIXELS);
         for x in x.chunks_exact(h * w) {
             for dy in 0..kh {
@@ -273,7 +239,7 @@ impl SmallMapConv {
     /// into `out` (`[cout][oh · ow]`): the blocks split across the threads.
     fn products(&self, b: &[f32], bias: &[f32], out: &mut [f32]) {
         let g = &self.geometry;
-        let (k, pixels) = (g.reduction(), g.pixels());
+        let (k, pixels) = (reduction(g), pixels(g));
         let blocks = g.cout.div_ceil(BLOCK);
         let parts = if g.macs_per_image() >= crate::direct_conv::MIN_MACS_TO_SPLIT {
             op_threads::threads().clamp(1, blocks)
@@ -420,20 +386,11 @@ fn small_map_for(model: &mut TypedModel, id: usize) -> TractResult<Option<SmallM
     let Some(conv) = PlainConv::of(model, node)? else {
         return Ok(None);
     };
-    let (spec, shape) = (conv.spec, conv.shape);
-    let padding = spec.computed_padding(&shape[2..]);
-    let geometry = Geometry {
-        cin: spec.input_channels,
-        cout: spec.output_channels,
-        kernel: [spec.kernel_shape[0], spec.kernel_shape[1]],
-        input: [shape[2], shape[3]],
-        pad_before: [padding[0].pad_before, padding[1].pad_before],
-        output: [padding[0].convoluted, padding[1].convoluted],
-    };
-    if shape[0] != 1
+    let geometry = conv.geometry();
+    if conv.shape[0] != 1
         || geometry.kernel[0] * geometry.kernel[1] < 2
-        || geometry.pixels() > MAX_PIXELS
-        || geometry.reduction() < MIN_REDUCTION
+        || pixels(&geometry) > MAX_PIXELS
+        || reduction(&geometry) < MIN_REDUCTION
         || geometry.cout < MIN_OUTPUT_CHANNELS
     {
         return Ok(None);

@@ -65,7 +65,7 @@
 //! kernel (lever 20 in `docs/PERFORMANCE.md`). Below 8 × 8 there are too few tiles per
 //! kernel: the 4 × 4 maps were measured no faster than tract's.
 
-use crate::direct_conv::{bias_values, c_order_f32, replace_convs, PlainConv};
+use crate::direct_conv::{bias_values, c_order_f32, image_values, replace_convs, PlainConv};
 use crate::fusion::{same_bits, same_optional_bits};
 use crate::op_threads;
 use tract_onnx::prelude::*;
@@ -276,21 +276,9 @@ impl WinogradConv {
             &mut scratch.bias,
         )?;
         let x = &*inputs[0];
-        ensure!(
-            x.datum_type() == f32::datum_type(),
-            "input is {:?}",
-            x.datum_type()
-        );
-        let shape = x.shape();
         let [h, w] = self.side;
-        ensure!(
-            shape.len() == 4 && shape[1] == self.cin && shape[2..] == self.side,
-            "input shape {shape:?} for a convolution of {} channels at {:?}",
-            self.cin,
-            self.side
-        );
-        let input = c_order_f32(x)?;
-        let n = shape[0];
+        let input = image_values(x, self.cin, self.side)?;
+        let n = x.shape()[0];
         // SAFETY: f32 has no invalid values, and the output transform writes every
         // value (each output channel's rows of tiles are one part's).
         let mut y = unsafe { Tensor::uninitialized::<f32>(&[n, self.cout, h, w])? };
