@@ -4,10 +4,10 @@
 //! The cifar-size U-Net's deepest blocks convolve 4 × 4 maps of 256 or 512 channels
 //! with 3 × 3 kernels: 2.4-4.7 MB of weights for 16 output pixels. tract runs them as a
 //! matrix product `W[Cout, Cin·kh·kw] · im2col(x)[Cin·kh·kw, 16]` whose kernels cover
-//! 8 or 12 of the 16 columns at a time, so they read every weight twice, and ran at
-//! 25-30 GFLOP/s on the 2-vCPU Intel Xeon of lever 22, where the Winograd products run
-//! at ~85. With at most 16 output pixels, one AVX-512 vector holds a channel's whole
-//! output. [`SmallMapConv`] gathers the image once (`B[k][p]`, `k = (c, dy, dx)`, the
+//! 8 or 12 of the 16 columns at a time, so they read every weight twice (from memory:
+//! a forward's 143 MB of weights leave none in the caches), and ran at 25-30 GFLOP/s on
+//! the 2-vCPU Intel Xeon of levers 22 to 25. With at most 16 output pixels, one AVX-512
+//! vector holds a channel's whole output. [`SmallMapConv`] gathers the image once (`B[k][p]`, `k = (c, dy, dx)`, the
 //! 16 lanes the pixels `p`, zero past them), then for each block of 16 output channels
 //! keeps their 16 outputs in 16 registers and streams its weights (`[block][k][16]`,
 //! arranged at load) through them:
@@ -16,10 +16,13 @@
 //! y[o][p] = ( Σ_k W[o][k] · B[k][p] ) + b[o]
 //! ```
 //!
-//! summed with fused multiply-adds in the order of `k` from zero, then plus the bias:
-//! the order of [`crate::direct_conv`], so the same bits as its kernels would give.
-//! Each weight is read once per image; the blocks are split across the threads
-//! [`op_threads`] has.
+//! summed with fused multiply-adds in the order of `k` from zero (the padding's taps
+//! included), then plus the bias: the order of [`crate::direct_conv`]'s kernels, and on
+//! the cifar-size U-Net's convolutions the same bits as tract's (its output compared
+//! byte for byte). Each weight is read once per image, prefetched a page ahead; the
+//! blocks are split across the threads [`op_threads`] has. With the caches flushed
+//! between runs, its 256-channel 4 × 4 convolution took 0.32-0.45 ms against tract's
+//! 0.55-0.70 ms (the `timing` test; lever 24 in `docs/PERFORMANCE.md`).
 //!
 //! [`use_small_map_convs`] swaps it in at load time: f32, NCHW, one group, stride and
 //! dilation 1, a kernel of 2 taps or more, at most [`MAX_PIXELS`] output pixels, one
