@@ -79,15 +79,30 @@ impl TypedPass for FoldPacking {
     fn run_direct(&mut self, model: &mut TypedModel) -> TractResult<bool> {
         let mut folded_any = false;
         loop {
-            let mut folded = 0;
-            // Node ids hold until the next compaction: the chains tried since the last.
+            // Node ids hold until the next compaction: the chains of one step are found
+            // first (they share no node), their packings evaluated on two threads
+            // (`load_threads`), then each folded in the graph in turn.
             let mut tried = HashSet::new();
-            while folded < FOLDS_PER_STEP {
+            let mut chains = Vec::new();
+            while chains.len() < FOLDS_PER_STEP {
                 let Some(chain) = next_chain(model, &tried) else {
                     break;
                 };
                 tried.insert(chain[0]);
-                let how = fold(model, &chain)?;
+                chains.push(chain);
+            }
+            let mut taken = Vec::with_capacity(chains.len());
+            for chain in chains {
+                taken.push(take(model, chain)?);
+            }
+            let bytes = taken.iter().map(|t| t.input_mem as usize).sum();
+            let evaluated = {
+                let model: &TypedModel = model;
+                crate::load_threads::map(taken, bytes, |t| t.evaluate(model))
+            };
+            let mut folded = 0;
+            for e in evaluated {
+                let how = e.fold(model)?;
                 #[cfg(test)]
                 tests::count(how);
                 folded += usize::from(how != Fold::Not);
@@ -147,61 +162,122 @@ enum Fold {
     Copied,
 }
 
-/// Folds `chain` into one constant where tract's `PropConst` would: every step
-/// evaluates out of plan, and no step's output may outgrow the weight beyond tract's
-/// allowance.
+/// A chain's input, ready for its evaluation ([`take`]).
+struct Taken {
+    chain: Vec<usize>,
+    /// The weight's bytes: no step's output may outgrow them beyond tract's allowance.
+    input_mem: u64,
+    input: Input,
+}
+
+enum Input {
+    /// The weight itself, taken out of the graph and reshaped as the chain's plain
+    /// reshapes would: only the packing is evaluated. `shape` is the weight's own.
+    Moved { tensor: Tensor, shape: TVec<usize> },
+    /// A shared reference to the weight: every step is evaluated, the first copying.
+    Shared(Arc<Tensor>),
+}
+
+/// A chain's evaluation ([`Taken::evaluate`]): the packed weight, or `None` where a
+/// step failed or outgrew the allowance.
+struct Evaluated {
+    chain: Vec<usize>,
+    packed: Option<Arc<Tensor>>,
+    /// The moved weight, for its node again when the packing failed.
+    unpacked: Option<(Tensor, TVec<usize>)>,
+    copied: bool,
+}
+
+/// Takes the input of `chain` from the graph for its folding where tract's
+/// `PropConst` would fold it.
 ///
 /// A chain of plain reshapes is folded from the weight itself ([`take_weight`]): the
 /// reshapes only relabel its shape (as their evaluation does to a tensor it owns), so
 /// no copy is made, and the weight is freed once packed. Any other chain is evaluated
 /// step by step from a shared reference, as `PropConst` does (the first step copies).
-fn fold(model: &mut TypedModel, chain: &[usize]) -> TractResult<Fold> {
+fn take(model: &mut TypedModel, chain: Vec<usize>) -> TractResult<Taken> {
     let weight = model.node(chain[0]).op_as::<Const>().expect("a constant");
     let input_mem = (weight.val().datum_type().size_of() * weight.val().volume()) as u64;
-    let pack = *chain.last().expect("a packing");
     let volume = weight.val().volume();
     let reshapes = reshape_dims(model, &chain[1..chain.len() - 1], volume);
     let taken = match reshapes {
         Some(dims) => take_weight(model, chain[0])?.map(|tensor| (dims, tensor)),
         None => None,
     };
-    let (packed, how) = match taken {
+    let input = match taken {
         Some((dims, mut tensor)) => {
             let shape: TVec<usize> = tensor.shape().into();
             for d in &dims {
                 tensor.set_shape(d)?;
             }
-            let input = tensor.into_tvalue();
-            match eval_step(model, pack, input.clone(), input_mem) {
-                Some(packed) => (packed, Fold::Moved),
-                None => {
-                    let mut tensor = input.into_tensor();
-                    tensor.set_shape(&shape)?;
-                    put_weight_back(model, chain[0], tensor)?;
-                    return Ok(Fold::Not);
-                }
-            }
+            Input::Moved { tensor, shape }
         }
         None => {
             let weight = model.node(chain[0]).op_as::<Const>().expect("a constant");
-            let mut value = weight.val().clone().into_tvalue();
-            for &id in &chain[1..] {
-                let Some(out) = eval_step(model, id, value, input_mem) else {
-                    return Ok(Fold::Not);
-                };
-                value = out;
-            }
-            (value, Fold::Copied)
+            Input::Shared(weight.val().clone())
         }
     };
-    let exotic_fact = model.outlet_fact(pack.into())?.exotic_fact.clone();
-    let name = model.node(pack).name.clone();
-    let mut patch = TypedModelPatch::default();
-    let konst = Const::new_with_opt_exotic_fact(packed.into_arc_tensor(), exotic_fact)?;
-    let wire = patch.wire_node(name, konst, &[])?[0];
-    patch.shunt_outside(model, pack.into(), wire)?;
-    patch.apply(model)?;
-    Ok(how)
+    Ok(Taken {
+        chain,
+        input_mem,
+        input,
+    })
+}
+
+impl Taken {
+    /// Evaluates the chain out of plan (the graph is only read).
+    fn evaluate(self, model: &TypedModel) -> Evaluated {
+        let pack = *self.chain.last().expect("a packing");
+        let (packed, unpacked, copied) = match self.input {
+            Input::Moved { tensor, shape } => {
+                let tensor = tensor.into_tvalue();
+                match eval_step(model, pack, tensor.clone(), self.input_mem) {
+                    Some(packed) => (Some(packed.into_arc_tensor()), None, false),
+                    None => (None, Some((tensor.into_tensor(), shape)), false),
+                }
+            }
+            Input::Shared(weight) => {
+                let mut value = Some(weight.into_tvalue());
+                for &id in &self.chain[1..] {
+                    value = value.and_then(|v| eval_step(model, id, v, self.input_mem));
+                }
+                (value.map(|v| v.into_arc_tensor()), None, true)
+            }
+        };
+        Evaluated {
+            chain: self.chain,
+            packed,
+            unpacked,
+            copied,
+        }
+    }
+}
+
+impl Evaluated {
+    /// Folds the chain into its packed weight, named after the packing node; or, where
+    /// its evaluation failed, leaves it to run in the plan (a moved weight put back).
+    fn fold(self, model: &mut TypedModel) -> TractResult<Fold> {
+        let pack = *self.chain.last().expect("a packing");
+        let Some(packed) = self.packed else {
+            if let Some((mut tensor, shape)) = self.unpacked {
+                tensor.set_shape(&shape)?;
+                put_weight_back(model, self.chain[0], tensor)?;
+            }
+            return Ok(Fold::Not);
+        };
+        let exotic_fact = model.outlet_fact(pack.into())?.exotic_fact.clone();
+        let name = model.node(pack).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let konst = Const::new_with_opt_exotic_fact(packed, exotic_fact)?;
+        let wire = patch.wire_node(name, konst, &[])?[0];
+        patch.shunt_outside(model, pack.into(), wire)?;
+        patch.apply(model)?;
+        Ok(if self.copied {
+            Fold::Copied
+        } else {
+            Fold::Moved
+        })
+    }
 }
 
 /// The shapes that `steps` give a tensor of `volume` values when each is a plain

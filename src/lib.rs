@@ -42,6 +42,7 @@ pub mod fid;
 mod fusion;
 pub mod group_norm;
 pub mod images;
+mod load_threads;
 pub mod memory;
 pub mod model;
 mod nnef_file;

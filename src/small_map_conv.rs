@@ -82,8 +82,8 @@ pub struct SmallMapConv {
     /// Its shape.
     pub geometry: Geometry,
     /// The weights by blocks of 16 output channels, `[block][k][16]`, zero past
-    /// `cout` in the last block.
-    weights: Arc<Vec<f32>>,
+    /// `cout` in the last block: plain f32 memory (see [`Self::weights`]).
+    weights: Arc<Tensor>,
     /// `None`: the bias is the op's second input.
     bias: Option<Arc<Vec<f32>>>,
 }
@@ -93,7 +93,7 @@ pub struct SmallMapConv {
 impl PartialEq for SmallMapConv {
     fn eq(&self, other: &Self) -> bool {
         self.geometry == other.geometry
-            && same_bits(&self.weights, &other.weights)
+            && same_bits(self.weights(), other.weights())
             && same_optional_bits(
                 self.bias.as_deref().map(|b| &b[..]),
                 other.bias.as_deref().map(|b| &b[..]),
@@ -120,33 +120,8 @@ impl SmallMapConv {
     /// `bias` (one value per output channel), or `None` for a bias given at run time.
     /// Fails when this CPU lacks the kernel ([`available`]) or the sizes do not fit.
     pub fn new(g: Geometry, weights: &[f32], bias: Option<&[f32]>) -> TractResult<Self> {
-        ensure!(
-            available(),
-            "the small-map convolution needs x86-64 with AVX-512F"
-        );
-        let [kh, kw] = g.kernel;
-        ensure!(
-            g.cin >= 1 && g.cout >= 1 && kh >= 1 && kw >= 1,
-            "{} input channels, {} output channels, a {kh} × {kw} kernel",
-            g.cin,
-            g.cout
-        );
-        ensure!(
-            (1..=MAX_PIXELS).contains(&pixels(&g)),
-            "{} output pixels: 1 to {MAX_PIXELS} are taken",
-            pixels(&g)
-        );
-        // Any padding after the input is consistent with the rest: the gather reads
-        // only inside the input and leaves zeros elsewhere.
+        check(&g, weights.len(), bias)?;
         let k = reduction(&g);
-        ensure!(
-            weights.len() == g.cout * k,
-            "expected {} weights",
-            g.cout * k
-        );
-        if let Some(bias) = bias {
-            ensure!(bias.len() == g.cout, "expected {} biases", g.cout);
-        }
         let blocks = g.cout.div_ceil(BLOCK);
         let mut arranged = vec![0f32; blocks * k * BLOCK];
         for (o, kernel) in weights.chunks_exact(k).enumerate() {
@@ -157,9 +132,48 @@ impl SmallMapConv {
         }
         Ok(SmallMapConv {
             geometry: g,
-            weights: Arc::new(arranged),
+            weights: Arc::new(tract_ndarray::Array1::from(arranged).into_tensor()),
             bias: bias.map(|b| Arc::new(b.to_vec())),
         })
+    }
+
+    /// [`Self::new`] from the kernel tensor (OIHW f32) itself: where the output
+    /// channels fill whole blocks, the kernel is arranged in its own memory (a copy is
+    /// made first only when it is shared or not in C order), so that loading neither
+    /// allocates nor faults in a second copy of the weights. On the cifar-size U-Net
+    /// (14 of these convolutions, 50 MB of weights), the load's small-map rewrite took
+    /// 0.025 s with a copy (lever 26 in `docs/PERFORMANCE.md`).
+    pub fn from_kernel(
+        g: Geometry,
+        mut kernel: Arc<Tensor>,
+        bias: Option<&[f32]>,
+    ) -> TractResult<Self> {
+        let k = reduction(&g);
+        let plain = kernel.datum_type() == f32::datum_type()
+            && kernel.strides() == &*Tensor::natural_strides(kernel.shape());
+        if !plain || !g.cout.is_multiple_of(BLOCK) || kernel.len() != g.cout * k {
+            return Self::new(g, &c_order_f32(&kernel)?, bias);
+        }
+        check(&g, kernel.len(), bias)?;
+        {
+            let kernel = Arc::make_mut(&mut kernel);
+            let mut view = kernel.try_as_plain_ram_mut()?;
+            arrange_in_place(view.as_slice_mut::<f32>()?, k);
+        }
+        Ok(SmallMapConv {
+            geometry: g,
+            weights: kernel,
+            bias: bias.map(|b| Arc::new(b.to_vec())),
+        })
+    }
+
+    /// The arranged weights (`[block][k][16]`).
+    fn weights(&self) -> &[f32] {
+        // Both constructors made them plain f32 memory.
+        self.weights
+            .try_as_plain_ram()
+            .and_then(|w| w.as_slice::<f32>())
+            .unwrap_or(&[])
     }
 
     /// Runs the convolution on the op's inputs: a batch `x` (`[n, cin, h, w]`, f32),
@@ -243,7 +257,7 @@ impl SmallMapConv {
         let per = blocks.div_ceil(parts);
         let work = out
             .chunks_mut(per * BLOCK * pixels)
-            .zip(self.weights.chunks(per * k * BLOCK))
+            .zip(self.weights().chunks(per * k * BLOCK))
             .zip(bias.chunks(per * BLOCK));
         op_threads::for_each(work, |((out, weights), bias)| {
             for ((out, w), bias) in out
@@ -255,6 +269,49 @@ impl SmallMapConv {
             }
         });
     }
+}
+
+/// The checks of [`SmallMapConv::new`] on `g`, a count of `weights` and the bias.
+fn check(g: &Geometry, weights: usize, bias: Option<&[f32]>) -> TractResult<()> {
+    ensure!(
+        available(),
+        "the small-map convolution needs x86-64 with AVX-512F"
+    );
+    let [kh, kw] = g.kernel;
+    ensure!(
+        g.cin >= 1 && g.cout >= 1 && kh >= 1 && kw >= 1,
+        "{} input channels, {} output channels, a {kh} × {kw} kernel",
+        g.cin,
+        g.cout
+    );
+    ensure!(
+        (1..=MAX_PIXELS).contains(&pixels(g)),
+        "{} output pixels: 1 to {MAX_PIXELS} are taken",
+        pixels(g)
+    );
+    // Any padding after the input is consistent with the rest: the gather reads
+    // only inside the input and leaves zeros elsewhere.
+    let k = reduction(g);
+    ensure!(weights == g.cout * k, "expected {} weights", g.cout * k);
+    if let Some(bias) = bias {
+        ensure!(bias.len() == g.cout, "expected {} biases", g.cout);
+    }
+    Ok(())
+}
+
+/// Arranges OIHW weights of whole blocks (`[cout][k]`, `cout` a multiple of 16) in
+/// place: each block's `[16][k]` becomes `[k][16]` in the same memory, through a copy
+/// of the block.
+fn arrange_in_place(w: &mut [f32], k: usize) {
+    // The blocks on two threads (`load_threads`): each is arranged alike wherever.
+    crate::load_threads::for_each_chunk_mut(w, BLOCK * k, |chunk| {
+        let block = chunk.to_vec();
+        for (o, kernel) in block.chunks_exact(k).enumerate() {
+            for (i, &value) in kernel.iter().enumerate() {
+                chunk[i * BLOCK + o] = value;
+            }
+        }
+    });
 }
 
 /// The register tile, compiled for AVX-512F.
@@ -390,9 +447,8 @@ fn small_map_for(model: &mut TypedModel, id: usize) -> TractResult<Option<SmallM
         return Ok(None);
     }
     let bias = conv.bias;
-    let weights = crate::winograd::take_kernel(model, node.inputs[1])?;
-    let weights = c_order_f32(&weights)?;
-    SmallMapConv::new(geometry, &weights, bias.as_deref()).map(Some)
+    let kernel = crate::winograd::take_kernel(model, node.inputs[1])?;
+    SmallMapConv::from_kernel(geometry, kernel, bias.as_deref()).map(Some)
 }
 
 /// Replaces every convolution of `model` (decluttered, before `optimize`) that the
@@ -606,6 +662,61 @@ mod tests {
         let op = SmallMapConv::new(g, &w, None).unwrap();
         let x = Tensor::zero::<f32>(&[1, 3, 4, 4]).unwrap().into_tvalue();
         assert!(op.run(&[x]).is_err());
+    }
+
+    /// `from_kernel` gives the op `new` gives (its weights compared bit for bit), in
+    /// the kernel's own memory where the kernel is the only reference to it and the
+    /// output channels fill whole blocks; a shared kernel is left as it was; partial
+    /// blocks and errors go through `new`.
+    #[test]
+    fn the_kernel_is_arranged_in_place_as_new_arranges_it() {
+        if !available() {
+            return;
+        }
+        // 4 blocks of 16 outputs, 1152 values each: 295 KB (one thread), and 64 blocks
+        // of 2304: 9.4 MB (both threads, `load_threads`).
+        for (cin, cout) in [(128, 64), (256, 1024)] {
+            let g = Geometry {
+                cin,
+                cout,
+                kernel: [3, 3],
+                input: [4, 4],
+                pad_before: [1, 1],
+                output: [4, 4],
+            };
+            let w = values(cout * cin * 9, 3);
+            let bias = values(cout, 4);
+            let want = SmallMapConv::new(g, &w, Some(&bias)).unwrap();
+            let kernel = Arc::new(Tensor::from_shape(&[cout, cin, 3, 3], &w).unwrap());
+            let at = f32s(&kernel).as_ptr();
+            let op = SmallMapConv::from_kernel(g, kernel, Some(&bias)).unwrap();
+            assert_eq!(op, want, "{cin} -> {cout}");
+            assert_eq!(op.weights().as_ptr(), at, "the kernel was copied");
+            // Shared: arranged in a copy, the other holder's values unchanged.
+            let kernel = Arc::new(Tensor::from_shape(&[cout, cin, 3, 3], &w).unwrap());
+            let op = SmallMapConv::from_kernel(g, kernel.clone(), Some(&bias)).unwrap();
+            assert_eq!(op, want);
+            assert_eq!(f32s(&kernel), &w[..]);
+        }
+        // 24 outputs: a partial block, made by `new` (zeros past them).
+        let g = Geometry {
+            cin: 128,
+            cout: 24,
+            kernel: [3, 3],
+            input: [4, 4],
+            pad_before: [1, 1],
+            output: [4, 4],
+        };
+        let w = values(24 * 128 * 9, 5);
+        let kernel = Arc::new(Tensor::from_shape(&[24, 128, 3, 3], &w).unwrap());
+        let op = SmallMapConv::from_kernel(g, kernel, None).unwrap();
+        assert_eq!(op, SmallMapConv::new(g, &w, None).unwrap());
+        assert_eq!(op.weights().len(), 2 * 128 * 9 * BLOCK);
+        // The checks of `new`: a kernel of the wrong size, a bias of the wrong length.
+        let short = Arc::new(tensor1(&w[1..]));
+        assert!(SmallMapConv::from_kernel(g, short, None).is_err());
+        let kernel = Arc::new(Tensor::from_shape(&[24, 128, 3, 3], &w).unwrap());
+        assert!(SmallMapConv::from_kernel(g, kernel, Some(&[0.0; 3])).is_err());
     }
 
     /// Times the cifar U-Net's 4 × 4 convolution, tract's plan and this op alternated

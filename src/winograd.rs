@@ -468,11 +468,10 @@ const PAD: usize = 16;
 /// each block's `[rows][cin][9]` becomes `[9][cin][rows]` in the same place, so that
 /// the filter transform reads each of the 9 kernel positions as one run of `cin · 6`.
 fn arrange(g: &mut [f32], cin: usize) {
-    let mut block = Vec::with_capacity(CO * cin * 9);
-    for chunk in g.chunks_mut(CO * cin * 9) {
+    // The blocks on two threads (`load_threads`): each is arranged alike wherever.
+    crate::load_threads::for_each_chunk_mut(g, CO * cin * 9, |chunk| {
         let rows = chunk.len() / (cin * 9);
-        block.clear();
-        block.extend_from_slice(chunk);
+        let block = chunk.to_vec();
         for (r, kernels) in block.chunks_exact(cin * 9).enumerate() {
             for (c, kernel) in kernels.chunks_exact(9).enumerate() {
                 for (j, &value) in kernel.iter().enumerate() {
@@ -480,7 +479,7 @@ fn arrange(g: &mut [f32], cin: usize) {
                 }
             }
         }
-    }
+    });
 }
 
 /// Floats from one position's panels of V to the next: `cin · tp` and [`PAD`], so that
@@ -1941,6 +1940,31 @@ mod tests {
         assert_eq!(replaced, 2 * usize::from(available()));
         let (d, scale) = diff(&got, &want);
         assert!(d <= 1e-5 * scale, "{d} of {scale}");
+    }
+
+    /// `arrange` puts each value where the filter transform reads it (`[9][cin][rows]`
+    /// per block of 6 output channels), on one thread and on two (`load_threads`, for
+    /// kernels of 1 MiB or more).
+    #[test]
+    fn arrange_puts_each_value_in_its_place() {
+        // 2.3 MB with a last block of 4 rows; 7 KB.
+        for (cin, cout) in [(128, 508), (8, 25)] {
+            let g = values(cout * cin * 9, 6);
+            let mut got = g.clone();
+            arrange(&mut got, cin);
+            let mut want = vec![0.0; g.len()];
+            for o in 0..cout {
+                let (block, r) = (o / CO, o % CO);
+                let rows = (cout - block * CO).min(CO);
+                for c in 0..cin {
+                    for j in 0..9 {
+                        want[block * CO * cin * 9 + (j * cin + c) * rows + r] =
+                            g[(o * cin + c) * 9 + j];
+                    }
+                }
+            }
+            assert_eq!(got, want, "{cin} -> {cout}");
+        }
     }
 
     /// The kernel is arranged where the model's constant had it (no copy at load);
