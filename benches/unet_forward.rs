@@ -889,6 +889,8 @@ fn split(a: &Args) -> Res<Value> {
 
 fn main() {
     let t_main = Instant::now();
+    // esddpm's debug records (a load's stages: `RUST_LOG=esddpm::load=debug`) on stderr.
+    env_logger::init();
     let mut raw: Vec<String> = std::env::args().skip(1).collect();
     let mode = match raw
         .iter()

@@ -1,7 +1,7 @@
 //! ONNX models through tract: loading from a path or bytes, reading the signature,
 //! and one optimised plan per batch size, made once and reused.
 
-use crate::cache::{Meta, PlanCache};
+use crate::cache::{KeyCheck, Meta, PlanCache};
 use crate::error::{Error, ModelRole, Result};
 use crate::memory::{self, PlanMemory};
 use crate::onnx_file::OnnxFile;
@@ -76,6 +76,20 @@ pub(crate) fn guarded<T>(
     }
 }
 
+/// Runs `f` and records how long it took as a debug record of target `esddpm::load`
+/// (`the {role} model, {what}: {ms} ms`), so that a start's stages can be timed by any
+/// logger: `RUST_LOG=esddpm::load=debug` with the bench binaries (docs/PERFORMANCE.md).
+pub(crate) fn timed<T>(role: ModelRole, what: &str, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    log::debug!(
+        target: "esddpm::load",
+        "the {role} model, {what}: {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    out
+}
+
 fn error_for(role: ModelRole, what: &str, message: String) -> Error {
     match what {
         "run" => Error::Inference { role, message },
@@ -98,6 +112,9 @@ pub struct OnnxModel {
     memory_limit: u64,
     declared_weights: u64,
     cache: Option<(PlanCache, String)>,
+    /// The identity a cached start took the key from ([`PlanCache::known_key`]), until
+    /// the first plan checks it against the file's bytes ([`KeyCheck`]).
+    unchecked: Mutex<Option<String>>,
     plans: Mutex<HashMap<usize, (Arc<TypedSimplePlan>, PlanMemory)>>,
 }
 
@@ -160,31 +177,52 @@ impl OnnxModel {
         let cache = match cache {
             Some(c) => {
                 Self::check_file_size(role, path, memory_limit)?;
-                Some((c.clone(), PlanCache::key_of_file(path)?))
+                let identity = PlanCache::identity_of(path);
+                // A key the cache recorded for the file as it is now: taken on trust
+                // until the first plan, which checks it (`KeyCheck`).
+                let known = identity.as_ref().and_then(|id| {
+                    let key = c.known_key(id)?;
+                    Some((c.read_meta(&key)?, key, id.clone()))
+                });
+                if let Some((meta, key, id)) = known {
+                    let model = Self::cached(role, path, memory_limit, c, meta, key)?;
+                    *model.unchecked.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                    return Ok(model);
+                }
+                let key = timed(role, "plan cache key (hash)", || {
+                    PlanCache::key_of_file(path)
+                })?;
+                Some((c.clone(), key, identity))
             }
             None => None,
         };
-        if let Some((c, key)) = &cache {
+        // The key is recorded for the file's identity where the file was the same
+        // before and after its bytes were read.
+        let remember = |c: &PlanCache, key: &str, identity: Option<String>| {
+            if let Some(id) =
+                identity.filter(|id| PlanCache::identity_of(path).as_ref() == Some(id))
+            {
+                c.remember_key(&id, key);
+            }
+        };
+        if let Some((c, key, identity)) = &cache {
             if let Some(meta) = c.read_meta(key) {
-                memory::check(memory_limit, u128::from(meta.declared_weights), || {
-                    format!("the {role} model's declared weights")
-                })?;
-                let source = Source::File {
-                    path: path.to_path_buf(),
-                    key: key.clone(),
-                    parsed: None,
-                    was_parsed: false,
-                };
-                return Ok(Self::new(role, source, meta, memory_limit, cache));
+                remember(c, key, identity.clone());
+                return Self::cached(role, path, memory_limit, c, meta, key.clone());
             }
         }
         let (parsed, meta, key) = Self::parse_file(role, path, memory_limit)?;
-        if let Some((c, cache_key)) = &cache {
-            if *cache_key != key {
-                return Err(Self::changed(role, path));
+        let cache = match cache {
+            Some((c, cache_key, identity)) => {
+                if cache_key != key {
+                    return Err(Self::changed(role, path));
+                }
+                c.write_meta(&cache_key, &meta)?;
+                remember(&c, &key, identity);
+                Some((c, cache_key))
             }
-            c.write_meta(cache_key, &meta)?;
-        }
+            None => None,
+        };
         let source = Source::File {
             path: path.to_path_buf(),
             key,
@@ -192,6 +230,33 @@ impl OnnxModel {
             was_parsed: true,
         };
         Ok(Self::new(role, source, meta, memory_limit, cache))
+    }
+
+    /// A model of the file at `path` whose meta came from `cache` under `key`.
+    fn cached(
+        role: ModelRole,
+        path: &Path,
+        memory_limit: u64,
+        cache: &PlanCache,
+        meta: Meta,
+        key: String,
+    ) -> Result<Self> {
+        memory::check(memory_limit, u128::from(meta.declared_weights), || {
+            format!("the {role} model's declared weights")
+        })?;
+        let source = Source::File {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            parsed: None,
+            was_parsed: false,
+        };
+        Ok(Self::new(
+            role,
+            source,
+            meta,
+            memory_limit,
+            Some((cache.clone(), key)),
+        ))
     }
 
     /// Parses an ONNX model from memory (a game's asset pack, say), under
@@ -237,6 +302,7 @@ impl OnnxModel {
             memory_limit,
             declared_weights: meta.declared_weights,
             cache,
+            unchecked: Mutex::new(None),
             plans: Mutex::new(HashMap::new()),
         }
     }
@@ -455,9 +521,11 @@ impl OnnxModel {
             .cache
             .as_ref()
             .map(|(c, key)| (c, c.plan_path(key, batch, &facts)));
-        let from_cache = entry
-            .as_ref()
-            .and_then(|(c, path)| c.read_model(role, path, &facts, self.memory_limit));
+        let from_cache = entry.as_ref().and_then(|(c, path)| {
+            timed(role, "plan cache read", || {
+                c.read_model(role, path, &facts, self.memory_limit)
+            })
+        });
         let decluttered = match from_cache {
             Some(model) => model,
             None => {
@@ -476,18 +544,59 @@ impl OnnxModel {
             }
         };
         // Both sources are decluttered already: what is left is tract's codegen.
-        guarded(role, "optimise", move || {
-            let mut optimised = decluttered;
-            group_norm::fuse_group_norms(&mut optimised)?;
-            attention::fuse_attention(&mut optimised)?;
-            winograd::use_winograd(&mut optimised)?;
-            small_map_conv::use_small_map_convs(&mut optimised)?;
-            direct_conv::use_direct_convs(&mut optimised)?;
-            pointwise_conv::fuse_pointwise_convs(&mut optimised)?;
-            codegen::optimize(&mut optimised)?;
-            rewrite::natural_const_strides(&mut optimised)?;
-            optimised.into_runnable()
-        })
+        let mut m = guarded(role, "optimise", move || {
+            let mut m = decluttered;
+            timed(role, "group norms", || group_norm::fuse_group_norms(&mut m))?;
+            timed(role, "attention", || attention::fuse_attention(&mut m))?;
+            timed(role, "Winograd", || winograd::use_winograd(&mut m))?;
+            timed(role, "small maps", || {
+                small_map_conv::use_small_map_convs(&mut m)
+            })?;
+            timed(role, "direct convolutions", || {
+                direct_conv::use_direct_convs(&mut m)
+            })?;
+            timed(role, "1x1 convolutions", || {
+                pointwise_conv::fuse_pointwise_convs(&mut m)
+            })?;
+            Ok(m)
+        })?;
+        // A key taken on trust is checked while tract's codegen runs (`KeyCheck`): the
+        // steps before it keep both cores busy.
+        let check = self.start_key_check();
+        let plan = guarded(role, "optimise", move || {
+            timed(role, "tract's codegen", || codegen::optimize(&mut m))?;
+            rewrite::natural_const_strides(&mut m)?;
+            m.into_runnable()
+        })?;
+        if let (Some(check), Some((c, _))) = (check, &self.cache) {
+            if !timed(role, "key check's wait", || check.finish(c))? {
+                return Err(Self::changed(role, &self.path_or_default()));
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The check of a key taken on trust, started (once: the first plan's).
+    fn start_key_check(&self) -> Option<KeyCheck> {
+        let identity = self
+            .unchecked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        match &*source {
+            Source::File { path, key, .. } => Some(KeyCheck::start(path, key, &identity)),
+            Source::Bytes(_) => None,
+        }
+    }
+
+    /// The model file's path (empty for a model loaded from bytes).
+    fn path_or_default(&self) -> PathBuf {
+        let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        match &*source {
+            Source::File { path, .. } => path.clone(),
+            Source::Bytes(_) => PathBuf::new(),
+        }
     }
 }
 

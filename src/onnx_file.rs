@@ -16,6 +16,7 @@
 //! that are genuinely external (ONNX external data beside the model file) are read
 //! from their files as tract would.
 
+use crate::cache::KeyHasher;
 use crate::error::{Error, ModelRole, Result};
 use prost::bytes::Buf;
 use std::fs::File;
@@ -25,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::data_resolver::{MmapDataResolver, ModelDataResolver};
 use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataLocation;
-use xxhash_rust::xxh3::Xxh3;
 
 /// The decoding window. The cifar-size U-Net (143 MB) decoded in 0.20-0.26 s (median
 /// 0.23) through 64 KiB and 0.24-0.41 s (0.27) through 1 MiB (8 starts each, alternated;
@@ -58,7 +58,7 @@ impl OnnxFile {
             source,
         };
         let file = File::open(path).map_err(io)?;
-        let mut buf = FileBuf::new(file, size, crate::cache::PlanCache::hasher(), WINDOW);
+        let mut buf = FileBuf::new(file, size, WINDOW);
         let decoded = crate::model::guarded(role, "parse", || {
             use prost::Message;
             Ok(pb::ModelProto::decode(&mut buf)?)
@@ -201,12 +201,12 @@ struct FileBuf {
     remaining: u64,
     /// The file's bytes not yet read into the window.
     unread: u64,
-    hasher: Xxh3,
+    hasher: KeyHasher,
     error: Option<std::io::Error>,
 }
 
 impl FileBuf {
-    fn new(file: File, size: u64, hasher: Xxh3, window: usize) -> Self {
+    fn new(file: File, size: u64, window: usize) -> Self {
         let window = window.min(usize::try_from(size).unwrap_or(window)).max(1);
         let mut buf = Self {
             file,
@@ -215,7 +215,7 @@ impl FileBuf {
             end: 0,
             remaining: size,
             unread: size,
-            hasher,
+            hasher: KeyHasher::new(size),
             error: None,
         };
         buf.refill();
@@ -258,7 +258,7 @@ impl FileBuf {
         if self.file.read(&mut probe)? != 0 {
             return Err(std::io::Error::other("the file grew while it was read"));
         }
-        Ok(format!("{:032x}", self.hasher.digest128()))
+        Ok(self.hasher.finish())
     }
 }
 
@@ -307,12 +307,7 @@ mod tests {
         let path = temp("window.onnx", &bytes);
         let size = bytes.len() as u64;
         for window in [1usize, 7, 4096, WINDOW] {
-            let mut buf = FileBuf::new(
-                File::open(&path).unwrap(),
-                size,
-                crate::cache::PlanCache::hasher(),
-                window,
-            );
+            let mut buf = FileBuf::new(File::open(&path).unwrap(), size, window);
             let decoded = pb::ModelProto::decode(&mut buf).unwrap();
             assert_eq!(
                 decoded,
@@ -330,12 +325,7 @@ mod tests {
     fn a_file_that_ends_early_is_an_error_not_a_model() {
         let bytes = std::fs::read("models/fashion/unet.onnx").unwrap();
         let path = temp("short.onnx", &bytes[..bytes.len() / 2]);
-        let mut buf = FileBuf::new(
-            File::open(&path).unwrap(),
-            bytes.len() as u64,
-            crate::cache::PlanCache::hasher(),
-            WINDOW,
-        );
+        let mut buf = FileBuf::new(File::open(&path).unwrap(), bytes.len() as u64, WINDOW);
         let _ = pb::ModelProto::decode(&mut buf);
         let err = buf.finish().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{err}");

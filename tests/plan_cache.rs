@@ -221,3 +221,61 @@ fn a_plan_from_the_cache_has_esddpms_operators_like_one_from_the_file() {
     drop(ops(Some(&cache)));
     assert_eq!(ops(Some(&cache)), direct, "second start, from the cache");
 }
+
+/// A start finds the file's key by its identity (`PlanCache::identity_of`) without
+/// hashing it first, and checks it against the bytes while the plan is made: a record
+/// naming another model's key (as a file system with coarse times could leave behind)
+/// is found out, removed, and that load is an error, not that model's plan.
+#[test]
+fn a_key_found_by_the_files_identity_is_checked_against_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("plans");
+    let cache = PlanCache::new(&cache_dir);
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/models");
+    let (file, other) = (dir.path().join("unet.onnx"), dir.path().join("nan.onnx"));
+    std::fs::copy(models.join("tiny/unet.onnx"), &file).unwrap();
+    std::fs::copy(models.join("broken/unet_nan.onnx"), &other).unwrap();
+    let limit = memory::DEFAULT_MEMORY_LIMIT;
+    let load = |path: &Path| -> Result<Unet> {
+        let m = OnnxModel::from_path_cached(ModelRole::Unet, path, limit, Some(&cache))?;
+        Unet::new(m, [1, 16, 16])
+    };
+    let forward = |unet: &Unet| -> Vec<u32> {
+        let x: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut out = vec![0.0; 256];
+        let executor = tract_linalg::multithread::Executor::SingleThread;
+        unet.run(1, &x, 500, &mut out, &executor).unwrap();
+        out.iter().map(|v| v.to_bits()).collect()
+    };
+    let want = forward(&load(&file).unwrap());
+    // The first start recorded the key for the file's identity; the second finds it.
+    let records = entries(&cache_dir, ".key");
+    assert_eq!(records.len(), 1, "{records:?}");
+    let second = load(&file).unwrap();
+    assert!(!second.model().is_parsed());
+    assert_eq!(forward(&second), want);
+    drop(second);
+
+    // Another model of the same signature in the cache, and the record made to name it.
+    drop(load(&other).unwrap());
+    let theirs = entries(&cache_dir, ".key")
+        .into_iter()
+        .find(|r| *r != records[0])
+        .unwrap();
+    std::fs::copy(&theirs, &records[0]).unwrap();
+    match load(&file) {
+        Err(Error::ModelLoad { role, message }) => {
+            assert_eq!(role, ModelRole::Unet);
+            assert!(message.contains("changed since it was loaded"), "{message}");
+        }
+        other => panic!("expected a ModelLoad error, got {:?}", other.map(|_| ())),
+    }
+    // The wrong record is gone: the next start hashes the file, and records it again.
+    assert!(!records[0].exists());
+    let again = load(&file).unwrap();
+    assert_eq!(forward(&again), want);
+    assert!(records[0].exists());
+    // A record naming a key with no meta is passed over.
+    std::fs::write(&records[0], "0123456789abcdef0123456789abcdef").unwrap();
+    assert_eq!(forward(&load(&file).unwrap()), want);
+}
