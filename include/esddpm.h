@@ -240,7 +240,8 @@ typedef struct EsdSession EsdSession;
 typedef struct {
   // `sizeof(EsdLoadParams)`, set by the init function.
   uint32_t struct_size;
-  // Threads of the model runs; 0 = the physical cores.
+  // Threads of the model runs; 0 = the physical cores. (Loading uses up to two
+  // threads for its memory work whatever this is.)
   uint32_t threads;
   // The most memory, in bytes, that loading a model or one generation may need
   // (model files, declared weights, inputs, planned activations, the run's buffers:

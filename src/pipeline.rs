@@ -21,7 +21,9 @@ pub struct LoadOptions {
     /// Threads: a batch's images are split across them (one core each); a lone image
     /// uses them in tract's matrix products when the U-Net is large enough for that to
     /// pay ([`crate::unet::Unet::threads_pay_at_batch_1`]). `None` = the number of
-    /// physical cores.
+    /// physical cores. Loading itself uses up to two threads for its memory work
+    /// (reading a plan cache entry, hashing the model file, arranging and packing
+    /// weights), whatever this is.
     pub threads: Option<usize>,
     /// The most memory, in bytes, that loading a model or running one generation may
     /// need: model files, declared weights, inputs and planned activations are

@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex};
 pub struct EsdLoadParams {
     /// `sizeof(EsdLoadParams)`, set by the init function.
     pub struct_size: u32,
-    /// Threads of the model runs; 0 = the physical cores.
+    /// Threads of the model runs; 0 = the physical cores. (Loading uses up to two
+    /// threads for its memory work whatever this is.)
     pub threads: u32,
     /// The most memory, in bytes, that loading a model or one generation may need
     /// (model files, declared weights, inputs, planned activations, the run's buffers:
