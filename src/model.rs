@@ -567,13 +567,14 @@ impl OnnxModel {
             timed(role, "tract's codegen", || codegen::optimize(&mut m))?;
             rewrite::natural_const_strides(&mut m)?;
             m.into_runnable()
-        })?;
+        });
+        // Finished whether or not the plan was made: a later plan relies on it.
         if let (Some(check), Some((c, _))) = (check, &self.cache) {
             if !timed(role, "key check's wait", || check.finish(c))? {
                 return Err(Self::changed(role, &self.path_or_default()));
             }
         }
-        Ok(plan)
+        plan
     }
 
     /// The check of a key taken on trust, started (once: the first plan's).

@@ -34,8 +34,7 @@ pub(crate) fn read(path: &Path) -> TractResult<Option<ProtoModel>> {
         return Ok(None);
     };
     let mut text = String::new();
-    index
-        .open_at(index.graph.0)?
+    open_at(path, index.graph.0)?
         .take(index.graph.1)
         .read_to_string(&mut text)?;
     let reads = Arc::new(Reads {
@@ -87,7 +86,6 @@ pub(crate) fn read(path: &Path) -> TractResult<Option<ProtoModel>> {
 
 /// Where the graph and the tensors lie in the tar: `(data offset, bytes)` of each.
 struct Index {
-    path: PathBuf,
     graph: (u64, u64),
     tensors: Vec<(Identifier, u64, u64)>,
 }
@@ -131,18 +129,11 @@ impl Index {
                 return Ok(None);
             }
         }
-        Ok(graph.map(|graph| Index {
-            path: path.to_path_buf(),
-            graph,
-            tensors,
-        }))
-    }
-
-    fn open_at(&self, pos: u64) -> TractResult<File> {
-        open_at(&self.path, pos)
+        Ok(graph.map(|graph| Index { graph, tensors }))
     }
 }
 
+/// `path` opened at byte `pos`.
 fn open_at(path: &Path, pos: u64) -> TractResult<File> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(pos))?;
