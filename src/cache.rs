@@ -100,42 +100,7 @@ impl PlanCache {
     /// The key of a model file ([`KeyHasher`]), its two halves hashed on two threads,
     /// each read in blocks of [`HASH_BLOCK`] bytes (the file is never whole in memory).
     pub(crate) fn key_of_file(path: &Path) -> Result<String> {
-        let io = |source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let split = KeyHasher::split_of(len);
-        let second = {
-            let path = path.to_path_buf();
-            std::thread::Builder::new()
-                .name("esddpm-hash".into())
-                .spawn(move || -> std::io::Result<Xxh3> {
-                    let mut file = std::fs::File::open(path)?;
-                    file.seek(std::io::SeekFrom::Start(split))?;
-                    hash_exactly(&mut file, len - split)
-                })
-        };
-        let first = hash_exactly(&mut file, split).map_err(io)?;
-        let second = match second {
-            Ok(handle) => handle
-                .join()
-                .map_err(|_| io(std::io::Error::other("the hashing thread panicked")))?,
-            // No second thread: this one goes on through the second half.
-            Err(_) => hash_exactly(&mut file, len - split),
-        }
-        .map_err(io)?;
-        // The file grew or shrank while it was read: not one model's bytes.
-        let mut probe = [0u8; 1];
-        let mut end = std::fs::File::open(path).map_err(io)?;
-        end.seek(std::io::SeekFrom::Start(len)).map_err(io)?;
-        if end.read(&mut probe).map_err(io)? != 0 {
-            return Err(io(std::io::Error::other(
-                "the file grew while it was hashed",
-            )));
-        }
-        Ok(KeyHasher::combine(len, &first, &second))
+        key_of_file_on(path, true)
     }
 
     /// The key of a model given as bytes (same as [`Self::key_of_file`] of a file with
@@ -437,7 +402,7 @@ impl KeyCheck {
         let for_thread = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("esddpm-key-check".into())
-            .spawn(move || key_of_file_here(&for_thread))
+            .spawn(move || key_of_file_on(&for_thread, false))
             .ok();
         Self {
             path: path.to_path_buf(),
@@ -456,7 +421,7 @@ impl KeyCheck {
                 source: std::io::Error::other("the key check's thread panicked"),
             })?,
             // No thread could be started: the hash here.
-            None => key_of_file_here(&self.path),
+            None => key_of_file_on(&self.path, false),
         }?;
         let same = computed == self.key;
         if !same {
@@ -474,8 +439,9 @@ impl Drop for KeyCheck {
     }
 }
 
-/// [`PlanCache::key_of_file`] on this thread alone.
-fn key_of_file_here(path: &Path) -> Result<String> {
+/// [`PlanCache::key_of_file`], the second half on a thread of its own where
+/// `two_threads` (and a thread can be started), else after the first on this one.
+fn key_of_file_on(path: &Path, two_threads: bool) -> Result<String> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -483,8 +449,29 @@ fn key_of_file_here(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(io)?;
     let len = file.metadata().map_err(io)?.len();
     let split = KeyHasher::split_of(len);
+    let second = two_threads
+        .then(|| {
+            let path = path.to_path_buf();
+            std::thread::Builder::new()
+                .name("esddpm-hash".into())
+                .spawn(move || -> std::io::Result<Xxh3> {
+                    let mut file = std::fs::File::open(path)?;
+                    file.seek(std::io::SeekFrom::Start(split))?;
+                    hash_exactly(&mut file, len - split)
+                })
+                .ok()
+        })
+        .flatten();
     let first = hash_exactly(&mut file, split).map_err(io)?;
-    let second = hash_exactly(&mut file, len - split).map_err(io)?;
+    let second = match second {
+        Some(handle) => handle
+            .join()
+            .map_err(|_| io(std::io::Error::other("the hashing thread panicked")))?,
+        None => hash_exactly(&mut file, len - split),
+    }
+    .map_err(io)?;
+    // The file grew while it was read: not one model's bytes.
+    file.seek(std::io::SeekFrom::Start(len)).map_err(io)?;
     let mut probe = [0u8; 1];
     if file.read(&mut probe).map_err(io)? != 0 {
         return Err(io(std::io::Error::other(
@@ -587,6 +574,8 @@ mod tests {
             std::fs::write(&path, &bytes).unwrap();
             let k = PlanCache::key_of_file(&path).unwrap();
             assert_eq!(k, PlanCache::key_of_bytes(&bytes), "{len} bytes");
+            // The key check's hash, on one thread, is the same.
+            assert_eq!(key_of_file_on(&path, false).unwrap(), k);
             assert_eq!(k.len(), 32);
             // A byte changed in either half gives another key.
             for at in [len / 4, len / 2, len.saturating_sub(1)] {

@@ -635,16 +635,21 @@ mod tests {
         assert_eq!(bits(&from_file), bits(&from_cache));
     }
 
-    #[test]
-    fn bad_sizes_are_errors() {
-        let g = Geometry {
-            cin: 4,
-            cout: 16,
+    /// A same-padded 3 × 3 convolution of a 4 × 4 map.
+    fn same_3x3_on_4x4(cin: usize, cout: usize) -> Geometry {
+        Geometry {
+            cin,
+            cout,
             kernel: [3, 3],
             input: [4, 4],
             pad_before: [1, 1],
             output: [4, 4],
-        };
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        let g = same_3x3_on_4x4(4, 16);
         let w = values(16 * 4 * 9, 1);
         if !available() {
             assert!(SmallMapConv::new(g, &w, None).is_err());
@@ -676,14 +681,7 @@ mod tests {
         // 4 blocks of 16 outputs, 1152 values each: 295 KB (one thread), and 64 blocks
         // of 2304: 9.4 MB (both threads, `load_threads`).
         for (cin, cout) in [(128, 64), (256, 1024)] {
-            let g = Geometry {
-                cin,
-                cout,
-                kernel: [3, 3],
-                input: [4, 4],
-                pad_before: [1, 1],
-                output: [4, 4],
-            };
+            let g = same_3x3_on_4x4(cin, cout);
             let w = values(cout * cin * 9, 3);
             let bias = values(cout, 4);
             let want = SmallMapConv::new(g, &w, Some(&bias)).unwrap();
@@ -699,14 +697,7 @@ mod tests {
             assert_eq!(f32s(&kernel), &w[..]);
         }
         // 24 outputs: a partial block, made by `new` (zeros past them).
-        let g = Geometry {
-            cin: 128,
-            cout: 24,
-            kernel: [3, 3],
-            input: [4, 4],
-            pad_before: [1, 1],
-            output: [4, 4],
-        };
+        let g = same_3x3_on_4x4(128, 24);
         let w = values(24 * 128 * 9, 5);
         let kernel = Arc::new(Tensor::from_shape(&[24, 128, 3, 3], &w).unwrap());
         let op = SmallMapConv::from_kernel(g, kernel, None).unwrap();
